@@ -68,14 +68,15 @@ class LeaseLost(KharonError):
     again), so the call was rejected and changed nothing.
     """
 
-    def __init__(self, ticket_id: str, lease: int, current: int, operation: str) -> None:
+    def __init__(self, ticket_id: str, lease: int, current: int, operation: str, detail: str | None = None) -> None:
         self.ticket_id = ticket_id
         self.lease = lease
         self.current = current
         self.operation = operation
+        reason = detail or f"the ticket is now on lease {current}"
         super().__init__(
-            f"cannot {operation} ticket {ticket_id!r}: lease {lease} is stale, "
-            f"the ticket is now on lease {current}; another worker owns it"
+            f"cannot {operation} ticket {ticket_id!r}: lease {lease} is stale ({reason}); "
+            "the ticket was leased or put again since, so this call changed nothing"
         )
 
 

@@ -9,7 +9,6 @@ import random
 import socket
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, replace
-from datetime import datetime
 from types import TracebackType
 from typing import Any, Self
 
@@ -332,12 +331,6 @@ class Kharon:
     def _actor(self) -> str:
         delivery = _delivery.get()
         return delivery.worker if delivery is not None else self.actor
-
-    def _random(self) -> float:
-        return self._rng.random()
-
-    def _now(self) -> datetime:
-        return self.clock.now()
 
     # -- closing -------------------------------------------------------------
 

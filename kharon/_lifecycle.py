@@ -272,7 +272,12 @@ def _check_preconditions(current: Ticket | None, ticket_id: str, operation: str,
     if command.lease is not None and command.lease != current.attempts:
         raise LeaseLost(ticket_id, command.lease, current.attempts, operation)
     if command.lease_version is not None and command.lease_version != current.lease_version:
-        raise LeaseLost(ticket_id, current.attempts if command.lease is None else command.lease, current.attempts, operation)
+        stale = current.attempts if command.lease is None else command.lease
+        detail = (
+            f"it was granted by event version {command.lease_version}, "
+            f"the current lease by version {current.lease_version}"
+        )
+        raise LeaseLost(ticket_id, stale, current.attempts, operation, detail)
     return current
 
 

@@ -20,7 +20,7 @@ H = TypeVar("H", bound=Handler)
 
 @dataclass(frozen=True, slots=True)
 class Route:
-    type: str | None
+    ticket_type: str | None
     handler: Handler
     # When set, the payload is validated into this model before the handler
     # runs and passed as its second argument.

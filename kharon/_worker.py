@@ -169,7 +169,8 @@ class _Runtime:
 
     async def process(self, ticket: Ticket, slot: int) -> None:
         worker = f"{self.node}/worker-{slot}"
-        assert ticket.lease_version is not None and ticket.runat is not None
+        assert ticket.lease_version is not None
+        assert ticket.runat is not None
         token = _delivery.set(Delivery(ticket.id, ticket.attempts, ticket.lease_version, worker))
         try:
             lease_left = _seconds(ticket.runat - self.kharon.clock.now())
@@ -200,7 +201,8 @@ class _Runtime:
         try:
             payload = route.payload_model.model_validate(ticket.payload)
         except ValidationError as exc:
-            logger.warning("ticket %s has an invalid payload for %s; failing it", ticket.id, route.payload_model.__name__)
+            model_name = route.payload_model.__name__
+            logger.warning("ticket %s has an invalid payload for %s; failing it", ticket.id, model_name)
             reason = {
                 "error": f"payload does not match {route.payload_model.__name__}",
                 "details": json.loads(exc.json(include_url=False)),
@@ -222,7 +224,9 @@ class _Runtime:
             error_reason=f"handler did not finish before its lease expired (process_time {seconds} s)",
         )
 
-    async def settle_quietly(self, ticket: Ticket, what: str, *, error_reason: object, delay: FixedDelay | None = None) -> None:
+    async def settle_quietly(
+        self, ticket: Ticket, what: str, *, error_reason: object, delay: FixedDelay | None = None
+    ) -> None:
         """Retry a ticket whose handler did not settle it; log instead of raising."""
         try:
             await self.kharon.retry(ticket.id, error_reason=error_reason, delay=delay)
