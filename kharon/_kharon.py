@@ -27,6 +27,7 @@ from kharon._ticket import (
     Ticket,
     as_delay,
     check_identifier,
+    copy_ticket,
     normalize_error_reason,
     normalize_json,
 )
@@ -131,19 +132,20 @@ class Kharon:
         if not isinstance(ticket, Ticket):
             raise TypeError(f"expected a kharon.Ticket, got {type(ticket).__name__} {ticket!r}")
         now = self.clock.now()
-        draft = ticket.model_copy(deep=True)
+        # normalize_json validates nested data the caller may have mutated in
+        # place since the ticket was built, and returns a private copy of it.
+        changes: dict[str, Any] = {"payload": normalize_json(ticket.payload, "payload"), "error_reason": None}
         strategy = as_delay(delay)
         if strategy is not None:
-            draft.runat = now + strategy.compute(0, self._rng.random())
+            changes["runat"] = now + strategy.compute(0, self._rng.random())
         if nice is not None:
-            draft.nice = nice
+            changes["nice"] = _check_nice(nice)
+        final = ticket.model_copy(update=changes)
         if update is not None:
-            before = draft.model_copy(deep=True)
+            draft = copy_ticket(final)
             await _call_update(update, draft)
-            _check_fixed_fields(before, draft, ("id", "type"))
-        # Validate again: the caller or `update` may have mutated nested data
-        # in place, which pydantic's assignment validation does not see.
-        final = Ticket.model_validate(draft.model_dump())
+            _check_fixed_fields(final, draft, ("id", "type"))
+            final = Ticket.model_validate(draft.model_dump())
         return PutCommand(final, now, self.actor)
 
     # -- reading -------------------------------------------------------------
@@ -300,8 +302,8 @@ class Kharon:
             # callable runs, exactly as the write would.
             preview_event = decide_settle(current, attempt)
             assert current is not None
-            preview = fold(current, preview_event) or current.model_copy(deep=True)
-            draft = preview.model_copy(deep=True)
+            preview = fold(current, preview_event) or copy_ticket(current)
+            draft = copy_ticket(preview)
             await _call_update(update, draft)
             _check_fixed_fields(preview, draft, _FIXED)
 

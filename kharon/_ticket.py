@@ -31,6 +31,8 @@ __all__ = [
     "TicketStatus",
     "as_delay",
     "check_identifier",
+    "copy_json",
+    "copy_ticket",
     "normalize_json",
 ]
 
@@ -93,6 +95,22 @@ def normalize_json(value: Any, what: str) -> Any:
     if isinstance(value, (str, int, float, bool)) or value is None:
         return value
     return json.loads(text)
+
+
+def copy_json(value: Any) -> Any:
+    """Return a deep copy of JSON data; several times faster than `copy.deepcopy`."""
+    if isinstance(value, dict):
+        return {key: copy_json(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [copy_json(item) for item in value]
+    return value
+
+
+def copy_ticket(ticket: Ticket) -> Ticket:
+    """Return a copy of `ticket` that shares no mutable data with it."""
+    return ticket.model_copy(
+        update={"payload": copy_json(ticket.payload), "error_reason": copy_json(ticket.error_reason)}
+    )
 
 
 def _check_duration(value: timedelta, what: str) -> timedelta:
@@ -269,7 +287,9 @@ class Ticket(BaseModel):
         return self._copy_with("runat", runat)
 
     def _copy_with(self, field: str, value: Any) -> Self:
-        copy = self.model_copy(deep=True)
+        copy = self.model_copy(
+            update={"payload": copy_json(self.payload), "error_reason": copy_json(self.error_reason)}
+        )
         setattr(copy, field, value)
         return copy
 

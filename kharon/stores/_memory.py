@@ -24,7 +24,7 @@ from kharon._commands import (
 )
 from kharon._errors import StoreClosed
 from kharon._events import Event
-from kharon._ticket import Ticket, TicketStatus
+from kharon._ticket import Ticket, TicketStatus, copy_ticket
 from kharon.stores import _engine
 from kharon.stores._protocol import Stats, empty_status_counts
 
@@ -240,8 +240,8 @@ class MemoryStore:
 
 def _copy(ticket: Ticket | None) -> Ticket | None:
     # Callers may mutate what they get (payload dicts); the store keeps its own.
-    return None if ticket is None else ticket.model_copy(deep=True)
+    return None if ticket is None else copy_ticket(ticket)
 
 
 def _copies(tickets: list[Ticket]) -> list[Ticket]:
-    return [t.model_copy(deep=True) for t in tickets]
+    return [copy_ticket(t) for t in tickets]

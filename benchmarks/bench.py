@@ -1,0 +1,166 @@
+"""Throughput, wake-up latency and memory of Kharon on one machine.
+
+Run:  python benchmarks/bench.py [--store sqlite|memory] [--tickets 20000]
+
+Every figure is measured with the real clock in one process, on a fresh
+database file in a temporary directory. Nothing here is asserted by a test;
+the figures go to docs/benchmarks.md with the machine they came from.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import platform
+import resource
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import trio
+
+from kharon import Kharon, Router, Settings, Ticket
+from kharon.stores import MemoryStore, Store
+
+
+def open_store(kind: str, directory: Path, name: str) -> Store:
+    if kind == "memory":
+        return MemoryStore()
+    from kharon.stores import SQLiteStore
+
+    return SQLiteStore(directory / f"{name}.db")
+
+
+@contextlib.asynccontextmanager
+async def kharon_on(kind: str, directory: Path, name: str, settings: Settings | None = None) -> AsyncIterator[Kharon]:
+    async with Kharon(open_store(kind, directory, name), settings) as kharon:
+        yield kharon
+
+
+async def bench_put_sequential(kind: str, directory: Path, count: int) -> float:
+    """One caller awaiting each put: the latency-bound case."""
+    async with kharon_on(kind, directory, "put-sequential") as kharon:
+        started = time.perf_counter()
+        for i in range(count):
+            await kharon.put(Ticket(id=f"t{i}", type="noop", payload={"n": i}))
+        return count / (time.perf_counter() - started)
+
+
+async def bench_put_concurrent(kind: str, directory: Path, count: int, callers: int = 64) -> float:
+    """Many tasks putting at once, so the store can group-commit their writes."""
+    async with kharon_on(kind, directory, "put-concurrent") as kharon:
+
+        async def caller(offset: int) -> None:
+            for i in range(offset, count, callers):
+                await kharon.put(Ticket(id=f"t{i}", type="noop", payload={"n": i}))
+
+        started = time.perf_counter()
+        async with trio.open_nursery() as nursery:
+            for offset in range(callers):
+                nursery.start_soon(caller, offset)
+        return count / (time.perf_counter() - started)
+
+
+async def bench_put_many(kind: str, directory: Path, count: int, batch: int = 1000) -> float:
+    async with kharon_on(kind, directory, "put-many") as kharon:
+        started = time.perf_counter()
+        for start in range(0, count, batch):
+            await kharon.put_many(
+                Ticket(id=f"t{i}", type="noop", payload={"n": i}) for i in range(start, min(start + batch, count))
+            )
+        return count / (time.perf_counter() - started)
+
+
+async def bench_end_to_end(kind: str, directory: Path, count: int, settings: Settings) -> float:
+    """Pre-queue `count` no-op tickets, then time the workers until all are acked."""
+    async with kharon_on(kind, directory, f"e2e-{settings.workers}", settings) as kharon:
+        for start in range(0, count, 1000):
+            await kharon.put_many(Ticket(id=f"t{i}", type="noop") for i in range(start, min(start + 1000, count)))
+        remaining = count
+        finished = trio.Event()
+        router = Router()
+
+        @router.route("noop")
+        async def noop(ticket: Ticket) -> None:
+            nonlocal remaining
+            await kharon.ack(ticket.id)
+            remaining -= 1
+            if remaining == 0:
+                finished.set()
+
+        started = time.perf_counter()
+        async with trio.open_nursery() as nursery:
+            await nursery.start(kharon.run, router)
+            await finished.wait()
+            elapsed = time.perf_counter() - started
+            nursery.cancel_scope.cancel()
+        return count / elapsed
+
+
+async def bench_wakeup(kind: str, directory: Path, rounds: int = 30) -> list[float]:
+    """Latency from put to handler start for a worker that has gone idle."""
+    latencies: list[float] = []
+    async with kharon_on(kind, directory, "wakeup") as kharon:
+        started_at: dict[str, float] = {}
+        arrived = trio.Event()
+        router = Router()
+
+        @router.route("ping")
+        async def ping(ticket: Ticket) -> None:
+            latencies.append(time.perf_counter() - started_at[ticket.id])
+            await kharon.ack(ticket.id)
+            arrived.set()
+
+        async with trio.open_nursery() as nursery:
+            await nursery.start(kharon.run, router)
+            for i in range(rounds):
+                # Let the poller finish its last poll and go idle.
+                await trio.sleep(0.2)
+                arrived = trio.Event()
+                started_at[f"p{i}"] = time.perf_counter()
+                await kharon.put(Ticket(id=f"p{i}", type="ping"))
+                await arrived.wait()
+            nursery.cancel_scope.cancel()
+    return latencies
+
+
+async def main(kind: str, count: int) -> dict[str, object]:
+    results: dict[str, object] = {
+        "store": kind,
+        "tickets": count,
+        "python": sys.version.split()[0],
+        "machine": f"{platform.machine()}, {platform.processor() or 'unknown cpu'}",
+    }
+    with tempfile.TemporaryDirectory() as tmp:
+        directory = Path(tmp)
+        results["put, one caller (tickets/s)"] = round(await bench_put_sequential(kind, directory, min(count, 5000)))
+        results["put, 64 callers (tickets/s)"] = round(await bench_put_concurrent(kind, directory, count))
+        results["put_many, 1000 per call (tickets/s)"] = round(await bench_put_many(kind, directory, count))
+        for settings in (Settings(), Settings(workers=64, batch_size=64)):
+            label = f"end to end, workers={settings.workers} batch={settings.effective_batch_size} (tickets/s)"
+            results[label] = round(await bench_end_to_end(kind, directory, count, settings))
+        latencies = await bench_wakeup(kind, directory)
+        results["idle wake-up, median (ms)"] = round(statistics.median(latencies) * 1000, 2)
+        results["idle wake-up, max (ms)"] = round(max(latencies) * 1000, 2)
+    # ru_maxrss is in KiB on Linux.
+    results["peak RSS (MiB)"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+    return results
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--store", choices=["sqlite", "memory"], default="sqlite")
+    parser.add_argument("--tickets", type=int, default=20_000)
+    parser.add_argument("--json", action="store_true", help="print the figures as JSON")
+    args = parser.parse_args()
+    figures = trio.run(main, args.store, args.tickets)
+    if args.json:
+        print(json.dumps(figures, indent=2))
+    else:
+        width = max(len(k) for k in figures)
+        for key, value in figures.items():
+            print(f"{key:<{width}}  {value}")
