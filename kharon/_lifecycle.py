@@ -382,9 +382,15 @@ def fold(current: Ticket | None, event: Event) -> Ticket | None:
     return current.model_copy(update=fields)
 
 
-def replay(events: Iterable[Event]) -> Ticket | None:
-    """Fold a ticket's events, in version order, into its current state."""
+def replay(events: Iterable[Event], *, until: datetime | None = None) -> Ticket | None:
+    """Fold a ticket's events, in version order, into its state.
+
+    With `until`, only events at or before that instant are applied, which
+    gives the ticket as it was then (None if it did not exist).
+    """
     ticket: Ticket | None = None
     for event in events:
+        if until is not None and event.at > until:
+            break
         ticket = fold(ticket, event)
     return ticket
