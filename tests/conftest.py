@@ -1,0 +1,96 @@
+"""Fixtures shared by the test modules: every store, and a Kharon on the mock clock.
+
+`store` is parametrized over every store, so each test that requests it runs
+once per store. A store that cannot be built here is skipped with the reason;
+when the `CI` environment variable is set, a skipped memory or SQLite store is
+an error instead, so CI cannot pass without running the whole contract. The
+PostgreSQL store runs only when `KHARON_TEST_POSTGRES_DSN` names a database,
+in CI too.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+
+import pytest
+import trio
+import trio.testing
+
+from kharon import Kharon, Settings, TrioClock
+from kharon.stores import MemoryStore, Store
+
+POSTGRES_DSN_VARIABLE = "KHARON_TEST_POSTGRES_DSN"
+
+StoreFactory = Callable[[], Store]
+
+
+def skip_store(reason: str, *, required_in_ci: bool) -> None:
+    """Skip the test, or fail it when CI must run this store."""
+    if required_in_ci and os.environ.get("CI"):
+        pytest.fail(f"{reason}; CI runs the store contract on every store, so this is an error", pytrace=False)
+    pytest.skip(reason)
+
+
+def sqlite_factory(path: Path) -> StoreFactory:
+    try:
+        from kharon.stores import SQLiteStore  # type: ignore[attr-defined]
+    except ImportError as exc:
+        skip_store(f"SQLiteStore is not available: {exc}", required_in_ci=True)
+        raise  # unreachable: skip_store raises
+    return lambda: SQLiteStore(path / "kharon.db")
+
+
+def postgres_factory() -> StoreFactory:
+    dsn = os.environ.get(POSTGRES_DSN_VARIABLE)
+    if not dsn:
+        skip_store(
+            f"{POSTGRES_DSN_VARIABLE} is not set; set it to the DSN of an empty PostgreSQL database "
+            "to run the store contract on PostgreSQL",
+            required_in_ci=False,
+        )
+    try:
+        from kharon.stores import PostgresStore  # type: ignore[attr-defined]
+    except ImportError as exc:
+        skip_store(f"{POSTGRES_DSN_VARIABLE} is set but PostgresStore is not available: {exc}", required_in_ci=True)
+        raise
+    # TODO: the tests assume an empty database; once PostgresStore exists,
+    # give each test its own schema or truncate the tables here.
+    return lambda: PostgresStore(dsn)
+
+
+@pytest.fixture(params=["memory", "sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+def store_factory(request: pytest.FixtureRequest, tmp_path: Path) -> StoreFactory:
+    """Return a function that opens the parametrized store; every call opens the same database."""
+    if request.param == "memory":
+        return MemoryStore
+    if request.param == "sqlite":
+        return sqlite_factory(tmp_path)
+    return postgres_factory()
+
+
+@pytest.fixture
+async def store(store_factory: StoreFactory) -> AsyncIterator[Store]:
+    async with store_factory() as opened:
+        yield opened
+
+
+def require_mock_clock() -> None:
+    if not isinstance(trio.lowlevel.current_clock(), trio.testing.MockClock):
+        raise RuntimeError(
+            "this fixture moves time with the mock clock: add the autojump_clock fixture to the test's arguments"
+        )
+
+
+def make_kharon(store: Store, settings: Settings | None = None, *, actor: str = "test") -> Kharon:
+    """Return a Kharon whose wall clock moves with Trio's (mock) clock."""
+    require_mock_clock()
+    return Kharon(store, settings, clock=TrioClock(), actor=actor, rng=random.Random(1234))
+
+
+@pytest.fixture
+async def kharon(store: Store) -> Kharon:
+    """A Kharon on the parametrized store; the test must also request `autojump_clock`."""
+    return make_kharon(store)
