@@ -144,7 +144,9 @@ class Kharon:
         if update is not None:
             draft = copy_ticket(final)
             await _call_update(update, draft)
-            _check_fixed_fields(final, draft, ("id", "type"))
+            # A put always stores a pending ticket with attempts 0, so a
+            # changed status or attempts would be dropped without a word.
+            _check_fixed_fields(final, draft, ("id", "type", "status", "attempts"))
             final = Ticket.model_validate(draft.model_dump())
         return PutCommand(final, now, self.actor)
 
