@@ -1,0 +1,270 @@
+"""SQL of the SQLite store: row conversion, the engine's `Transaction`, the reads.
+
+Everything here is synchronous and runs in a worker thread on a connection
+the caller owns for the duration of the call. Rows come from our own schema
+and were validated when they were written, so tickets and events are rebuilt
+with `model_construct`, which skips validation.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+from datetime import datetime
+from typing import Any, Final
+
+from kharon._errors import VersionConflict
+from kharon._events import Event, EventKind
+from kharon._ticket import Ticket, TicketStatus
+from kharon._time import from_micros, to_micros
+from kharon.stores._protocol import Stats, empty_status_counts
+
+__all__ = [
+    "SQLiteTransaction",
+    "count_stats",
+    "select_events",
+    "select_history",
+    "select_ticket",
+    "select_tickets",
+]
+
+_TICKET_COLUMNS: Final = (
+    "id, type, payload, nice, runat, status, attempts, error_reason, "
+    "created_at, updated_at, expires_at, version, lease_version"
+)
+_EVENT_COLUMNS: Final = "seq, ticket_id, version, kind, at, actor, status_before, status_after, changes, schema_version"
+
+_SELECT_TICKET: Final = f"SELECT {_TICKET_COLUMNS} FROM tickets WHERE id = ?"
+_SELECT_LAST_VERSION: Final = "SELECT max(version) FROM events WHERE ticket_id = ?"
+# The status terms repeat the WHERE clauses of the partial indexes in
+# 0001_init.sql word for word: SQLite only uses a partial index when the query
+# implies its condition. INDEXED BY pins the index: without statistics the
+# planner prefers tickets_status_id and sorts, and with it a schema change
+# that makes the index unusable fails loudly instead of slowing the poll.
+_SELECT_DUE: Final = (
+    f"SELECT {_TICKET_COLUMNS} FROM tickets INDEXED BY tickets_poll "
+    "WHERE status IN ('pending', 'running') AND runat <= ? "
+    "ORDER BY nice, runat, put_seq LIMIT ?"
+)
+_SELECT_EXPIRED: Final = (
+    f"SELECT {_TICKET_COLUMNS} FROM tickets INDEXED BY tickets_expiry WHERE status IN ('done', 'failed', 'cancelled') "
+    "AND expires_at <= ? ORDER BY expires_at, id LIMIT ?"
+)
+_SELECT_NEXT_DUE: Final = (
+    "SELECT min(runat) FROM tickets INDEXED BY tickets_next_due WHERE status IN ('pending', 'running')"
+)
+_INSERT_EVENT: Final = (
+    "INSERT INTO events (ticket_id, version, kind, at, actor, status_before, status_after, changes, schema_version) "
+    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)"
+)
+# A put starts a new lifecycle, so it replaces any old row and takes a new put_seq.
+_REPLACE_TICKET: Final = (
+    f"INSERT OR REPLACE INTO tickets ({_TICKET_COLUMNS}, put_seq) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+)
+_UPDATE_TICKET: Final = (
+    "UPDATE tickets SET type = ?, payload = ?, nice = ?, runat = ?, status = ?, attempts = ?, error_reason = ?, "
+    "created_at = ?, updated_at = ?, expires_at = ?, version = ?, lease_version = ? WHERE id = ?"
+)
+_DELETE_TICKET: Final = "DELETE FROM tickets WHERE id = ?"
+
+# One encoder for every write: json.dumps with keyword arguments builds a new
+# encoder per call. The values were validated as JSON by the ticket model.
+_encode_json = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
+_decode_json = json.loads
+
+_STATUSES: Final = {status.value: status for status in TicketStatus}
+_KINDS: Final = {kind.value: kind for kind in EventKind}
+
+
+def _micros(value: datetime | None) -> int | None:
+    return None if value is None else to_micros(value)
+
+
+def _instant(value: int | None) -> datetime | None:
+    return None if value is None else from_micros(value)
+
+
+def _ticket_from_row(row: tuple[Any, ...]) -> Ticket:
+    return Ticket.model_construct(
+        id=row[0],
+        type=row[1],
+        payload=_decode_json(row[2]),
+        nice=row[3],
+        runat=_instant(row[4]),
+        status=_STATUSES[row[5]],
+        attempts=row[6],
+        error_reason=_decode_json(row[7]),
+        created_at=_instant(row[8]),
+        updated_at=_instant(row[9]),
+        expires_at=_instant(row[10]),
+        version=row[11],
+        lease_version=row[12],
+    )
+
+
+def _ticket_values(ticket: Ticket) -> tuple[Any, ...]:
+    """Return the column values after `id`, in `_UPDATE_TICKET` order."""
+    return (
+        ticket.type,
+        _encode_json(ticket.payload),
+        ticket.nice,
+        _micros(ticket.runat),
+        ticket.status.value,
+        ticket.attempts,
+        _encode_json(ticket.error_reason),
+        _micros(ticket.created_at),
+        _micros(ticket.updated_at),
+        _micros(ticket.expires_at),
+        ticket.version,
+        ticket.lease_version,
+    )
+
+
+def _event_from_row(row: tuple[Any, ...]) -> Event:
+    return Event.model_construct(
+        seq=row[0],
+        ticket_id=row[1],
+        version=row[2],
+        kind=_KINDS[row[3]],
+        at=from_micros(row[4]),
+        actor=row[5],
+        status_before=None if row[6] is None else _STATUSES[row[6]],
+        status_after=None if row[7] is None else _STATUSES[row[7]],
+        changes=_decode_json(row[8]),
+        schema_version=row[9],
+    )
+
+
+class SQLiteTransaction:
+    """The engine's view of the open write transaction on the writer connection.
+
+    `appended` counts the events written through it, so the store can tell
+    which jobs changed something.
+    """
+
+    def __init__(self, connection: sqlite3.Connection) -> None:
+        self._connection = connection
+        self.appended = 0
+
+    def load(self, ticket_id: str) -> Ticket | None:
+        row = self._connection.execute(_SELECT_TICKET, (ticket_id,)).fetchone()
+        return None if row is None else _ticket_from_row(row)
+
+    def last_version(self, ticket_id: str) -> int:
+        row = self._connection.execute(_SELECT_LAST_VERSION, (ticket_id,)).fetchone()
+        return int(row[0] or 0)
+
+    def due(self, now: datetime, limit: int) -> list[Ticket]:
+        # No row locks are needed: BEGIN IMMEDIATE already gives this
+        # transaction the only write lock on the file, across processes.
+        rows = self._connection.execute(_SELECT_DUE, (to_micros(now), limit)).fetchall()
+        return [_ticket_from_row(row) for row in rows]
+
+    def expired(self, now: datetime, limit: int) -> list[Ticket]:
+        rows = self._connection.execute(_SELECT_EXPIRED, (to_micros(now), limit)).fetchall()
+        return [_ticket_from_row(row) for row in rows]
+
+    def next_due_at(self) -> datetime | None:
+        row = self._connection.execute(_SELECT_NEXT_DUE).fetchone()
+        return _instant(row[0])
+
+    def append(self, event: Event, ticket: Ticket | None) -> Event:
+        connection = self._connection
+        after = event.status_after
+        before = event.status_before
+        try:
+            cursor = connection.execute(
+                _INSERT_EVENT,
+                (
+                    event.ticket_id,
+                    event.version,
+                    event.kind.value,
+                    to_micros(event.at),
+                    event.actor,
+                    None if before is None else before.value,
+                    None if after is None else after.value,
+                    _encode_json(event.changes),
+                    event.schema_version,
+                ),
+            )
+        except sqlite3.IntegrityError as exc:
+            # UNIQUE (ticket_id, version): another writer appended this version
+            # first, so the decision was made on a stale row.
+            raise VersionConflict(event.ticket_id, event.version - 1, self.last_version(event.ticket_id)) from exc
+        seq = cursor.lastrowid
+
+        if ticket is None:
+            connection.execute(_DELETE_TICKET, (event.ticket_id,))
+        elif event.kind is EventKind.PUT:
+            connection.execute(_REPLACE_TICKET, (ticket.id, *_ticket_values(ticket), seq))
+        else:
+            connection.execute(_UPDATE_TICKET, (*_ticket_values(ticket), ticket.id))
+        self.appended += 1
+        return event.model_copy(update={"seq": seq})
+
+
+def select_ticket(connection: sqlite3.Connection, ticket_id: str) -> Ticket | None:
+    row = connection.execute(_SELECT_TICKET, (ticket_id,)).fetchone()
+    return None if row is None else _ticket_from_row(row)
+
+
+def select_history(connection: sqlite3.Connection, ticket_id: str) -> list[Event]:
+    rows = connection.execute(
+        f"SELECT {_EVENT_COLUMNS} FROM events WHERE ticket_id = ? ORDER BY version", (ticket_id,)
+    ).fetchall()
+    return [_event_from_row(row) for row in rows]
+
+
+def select_events(connection: sqlite3.Connection, after_seq: int, limit: int) -> list[Event]:
+    rows = connection.execute(
+        f"SELECT {_EVENT_COLUMNS} FROM events WHERE seq > ? ORDER BY seq LIMIT ?", (after_seq, max(limit, 0))
+    ).fetchall()
+    return [_event_from_row(row) for row in rows]
+
+
+def select_tickets(
+    connection: sqlite3.Connection,
+    status: TicketStatus | None,
+    type: str | None,
+    limit: int,
+    after_id: str | None,
+) -> list[Ticket]:
+    conditions: list[str] = []
+    parameters: list[Any] = []
+    if status is not None:
+        conditions.append("status = ?")
+        parameters.append(TicketStatus(status).value)
+    if type is not None:
+        conditions.append("type = ?")
+        parameters.append(type)
+    if after_id is not None:
+        conditions.append("id > ?")
+        parameters.append(after_id)
+    where = f"WHERE {' AND '.join(conditions)} " if conditions else ""
+    parameters.append(max(limit, 0))
+    query = f"SELECT {_TICKET_COLUMNS} FROM tickets {where}ORDER BY id LIMIT ?"
+    rows = connection.execute(query, parameters).fetchall()
+    return [_ticket_from_row(row) for row in rows]
+
+
+def count_stats(connection: sqlite3.Connection) -> Stats:
+    """Count tickets and events in one read transaction, so the numbers agree."""
+    connection.execute("BEGIN")
+    try:
+        by_type_rows = connection.execute(
+            "SELECT type, status, count(*) FROM tickets GROUP BY type, status"
+        ).fetchall()
+        # NOTE: this scans the whole log (there is no index on kind), so it
+        # costs time in proportion to the number of events.
+        kind_rows = connection.execute("SELECT kind, count(*) FROM events GROUP BY kind").fetchall()
+        last_seq = connection.execute("SELECT max(seq) FROM events").fetchone()[0]
+    finally:
+        connection.execute("COMMIT")
+
+    by_status = empty_status_counts()
+    by_type: dict[str, dict[str, int]] = {}
+    for type_name, status, count in by_type_rows:
+        by_status[status] += count
+        by_type.setdefault(type_name, {})[status] = count
+    events_by_kind: dict[str, int] = dict(kind_rows)
+    return Stats(by_status, by_type, events_by_kind, int(last_seq or 0))
