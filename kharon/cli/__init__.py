@@ -1,2 +1,5 @@
-def main() -> None:
-    raise SystemExit("the kharon command is not built yet")
+"""The `kharon` command line; `main` is the console-script entry point."""
+
+from kharon.cli._main import cli, main
+
+__all__ = ["cli", "main"]

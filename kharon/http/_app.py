@@ -41,6 +41,8 @@ PUBLIC_PATHS = frozenset({"/healthz"})
 HEALTH_TIMEOUT_SECONDS = 5.0
 MAX_PAGE_SIZE = 1000
 CANCEL_REASON = "cancelled via api"
+# Events written by API calls record this actor.
+HTTP_ACTOR = "http"
 
 Seconds = Annotated[
     float | None,
@@ -290,7 +292,8 @@ def create_app(kharon: Kharon, *, token: str | None = None, max_body_size: int =
 
     With `token`, every route except /healthz requires the header
     `Authorization: Bearer <token>`. Request bodies over `max_body_size` bytes
-    get 413. The app never closes `kharon`, so its owner must.
+    get 413. Events written by API calls record the actor "http"; the app
+    never closes `kharon`, so its owner must.
     """
     if token is not None:
         _check_token(token)
@@ -302,7 +305,8 @@ def create_app(kharon: Kharon, *, token: str | None = None, max_body_size: int =
         version=__version__,
         description="Durable, delayed tickets: put them, read them and their history, settle them.",
     )
-    app.state.kharon = kharon
+    # Same store, settings and clock, so workers on `kharon` see API writes at once.
+    app.state.kharon = Kharon(kharon.store, kharon.settings, clock=kharon.clock, actor=HTTP_ACTOR)
     app.include_router(routes)
     install_error_handlers(app)
 

@@ -1,0 +1,5 @@
+"""Run the `kharon` command as `python -m kharon`."""
+
+from kharon.cli import main
+
+main()
