@@ -44,7 +44,8 @@ from kharon.cli._runtime import (
     run_workers_only,
 )
 from kharon.http import DEFAULT_MAX_BODY_SIZE, create_app
-from kharon.stores._protocol import Store
+from kharon.stores import Store
+from kharon.stores import migrate as migrate_sqlite
 
 __all__ = ["cli", "main"]
 
@@ -263,6 +264,7 @@ def _prepare(db: str, app_spec: str | None, settings: Settings) -> tuple[Kharon,
     try:
         router = load_router(app_spec, kharon)
     except RouterLoadError as exc:
+        trio.run(kharon.close)
         raise CommandError(str(exc), EXIT_USAGE) from None
     return kharon, router
 
@@ -333,6 +335,7 @@ def serve(
     try:
         app = create_app(kharon, token=token, max_body_size=max_body_size)
     except ValueError as exc:
+        trio.run(kharon.close)
         raise CommandError(str(exc), EXIT_USAGE) from None
 
     def announce(binds: list[str]) -> None:
@@ -485,8 +488,6 @@ def migrate(db: str) -> None:
     """Create the database, or bring its schema up to date."""
     if db == MEMORY_DB:
         raise CommandError(f"{MEMORY_DB} has no schema to migrate; pass a database file", EXIT_USAGE)
-    from kharon.stores._sqlite import migrate as migrate_sqlite
-
     with _errors_as_exit_codes():
         try:
             version = migrate_sqlite(db)

@@ -27,7 +27,7 @@ from starlette.types import ASGIApp
 from kharon._kharon import Kharon
 from kharon._router import Router
 from kharon.example import create_router
-from kharon.stores._memory import MemoryStore
+from kharon.stores import MemoryStore, SQLiteStore
 from kharon.stores._protocol import Store
 
 __all__ = [
@@ -63,8 +63,6 @@ def open_store(db: str) -> Store:
     """Open the store at `db`: the SQLite file, or a memory store for ":memory:"."""
     if db == MEMORY_DB:
         return MemoryStore()
-    from kharon.stores._sqlite import SQLiteStore
-
     return SQLiteStore(db)
 
 

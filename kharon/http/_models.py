@@ -5,9 +5,9 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Annotated, Any, Self
 
-from pydantic import BaseModel, ConfigDict, Field, StrictInt, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, field_validator, model_validator
 
-from kharon._ticket import MAX_DELAY, NICE_MAX, NICE_MIN, Ticket
+from kharon._ticket import MAX_DELAY, NICE_MAX, NICE_MIN, Ticket, check_identifier
 from kharon.stores._protocol import Stats
 
 __all__ = ["ErrorBody", "Health", "NewTicket", "StatsBody", "TicketPage"]
@@ -31,6 +31,16 @@ class NewTicket(BaseModel):
     nice: Annotated[StrictInt, Field(ge=NICE_MIN, le=NICE_MAX)] = 0
     runat: datetime | None = Field(default=None, description="When the ticket is due, with a UTC offset.")
     delay: DelaySeconds | None = Field(default=None, description="Seconds from now until the ticket is due.")
+
+    @field_validator("id")
+    @classmethod
+    def _check_id(cls, value: str | None) -> str | None:
+        return None if value is None else check_identifier(value, "ticket id")
+
+    @field_validator("type")
+    @classmethod
+    def _check_type(cls, value: str) -> str:
+        return check_identifier(value, "ticket type")
 
     @model_validator(mode="after")
     def _check_one_due_time(self) -> Self:
