@@ -199,3 +199,31 @@ def test_serve_runs_example_router(server: tuple[subprocess.Popen[str], str, Pat
         ).stdout
     )
     assert stats["by_status"]["running"] == 0
+
+
+def test_worker_stops_on_sigterm(tmp_path: Path) -> None:
+    db = str(tmp_path / "kharon.db")
+    subprocess.run(kharon_command("put", "done", "--id", "w1", "--db", db), capture_output=True, timeout=60, check=True)
+    process = subprocess.Popen(
+        kharon_command("worker", "--db", db), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    try:
+
+        def is_done() -> bool:
+            result = subprocess.run(
+                kharon_command("get", "w1", "--db", db, "--json"), capture_output=True, text=True, timeout=60
+            )
+            return result.returncode == 0 and json.loads(result.stdout)["status"] == "done"
+
+        wait_for(is_done, OUTCOME_DEADLINE, "the worker to settle ticket w1 as done")
+        process.send_signal(signal.SIGTERM)
+        stdout, stderr = process.communicate(timeout=SHUTDOWN_DEADLINE)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.communicate(timeout=SHUTDOWN_DEADLINE)
+
+    assert process.returncode == 0, stderr
+    assert "kharon worker: database" in stdout
+    assert "received SIGTERM" in stderr
+    assert "workers stopped" in stderr
