@@ -10,10 +10,13 @@ in CI too.
 
 from __future__ import annotations
 
+import functools
+import math
 import os
 import random
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 import trio
@@ -75,6 +78,37 @@ def store_factory(request: pytest.FixtureRequest, tmp_path: Path) -> StoreFactor
 async def store(store_factory: StoreFactory) -> AsyncIterator[Store]:
     async with store_factory() as opened:
         yield opened
+
+
+@pytest.fixture
+def autojump_clock(monkeypatch: pytest.MonkeyPatch) -> trio.testing.MockClock:
+    """Return a MockClock that autojumps only while no `trio.to_thread` call is running.
+
+    This replaces pytest-trio's fixture of the same name. Its plain autojump
+    clock jumps as soon as every task is blocked, and a task waiting for a
+    worker thread counts as blocked. The SQLite store runs every query in a
+    thread, so the clock would jump to the next deadline (a lease expiry, a
+    `fail_after`) while a query runs. Here a running thread call turns
+    autojump off until the last one returns.
+    """
+    clock = trio.testing.MockClock(autojump_threshold=0)
+    original = trio.to_thread.run_sync
+    threads_running = 0
+
+    @functools.wraps(original)
+    async def run_sync_pausing_autojump(*args: Any, **kwargs: Any) -> Any:
+        nonlocal threads_running
+        threads_running += 1
+        clock.autojump_threshold = math.inf
+        try:
+            return await original(*args, **kwargs)
+        finally:
+            threads_running -= 1
+            if threads_running == 0:
+                clock.autojump_threshold = 0
+
+    monkeypatch.setattr(trio.to_thread, "run_sync", run_sync_pausing_autojump)
+    return clock
 
 
 def require_mock_clock() -> None:
