@@ -97,8 +97,9 @@ def render_page(transitions: Sequence[dict[str, Any]]) -> str:
 
 This page is generated from `kharon.TRANSITIONS`, the transition table in
 `kharon/_lifecycle.py`. That table is the only place that says which operation
-may move a ticket from which state to which, so this diagram cannot disagree
-with the code: `tests/test_docs.py` fails when the page is out of date.
+may move a ticket from which state to which. `tests/test_docs.py` fails when
+this page differs from what the table generates, so a change to the table
+cannot pass the tests without a new diagram.
 
 `[*]` is the pseudo-state `absent`: the ticket id has no row in the projection,
 because it was never put or because an event removed it. Its events stay in
