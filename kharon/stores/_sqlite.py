@@ -323,6 +323,7 @@ class SQLiteStore:
                 job.result = None
                 job.error = None
                 appended_before = transaction.appended
+                transaction.start_job()
                 connection.execute(_SAVEPOINT)
                 try:
                     job.result = job.operation(transaction)

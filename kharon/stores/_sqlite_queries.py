@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import sqlite3
 from datetime import datetime
+from functools import cache
 from typing import Any, Final
 
 from kharon._errors import VersionConflict
@@ -61,10 +62,11 @@ _INSERT_EVENT: Final = (
 _REPLACE_TICKET: Final = (
     f"INSERT OR REPLACE INTO tickets ({_TICKET_COLUMNS}, put_seq) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
 )
-_UPDATE_TICKET: Final = (
-    "UPDATE tickets SET type = ?, payload = ?, nice = ?, runat = ?, status = ?, attempts = ?, error_reason = ?, "
-    "created_at = ?, updated_at = ?, expires_at = ?, version = ?, lease_version = ? WHERE id = ?"
-)
+# An UPDATE rewrites every index that contains a column it SETs, even when
+# the value is the same. So the columns in an index are only SET when their
+# value changed, and the others always.
+_PLAIN_COLUMNS: Final = ("payload", "attempts", "error_reason", "created_at", "updated_at", "version", "lease_version")
+_INDEXED_COLUMNS: Final = ("type", "nice", "runat", "status", "expires_at")
 _DELETE_TICKET: Final = "DELETE FROM tickets WHERE id = ?"
 
 # One encoder for every write: json.dumps with keyword arguments builds a new
@@ -103,7 +105,7 @@ def _ticket_from_row(row: tuple[Any, ...]) -> Ticket:
 
 
 def _ticket_values(ticket: Ticket) -> tuple[Any, ...]:
-    """Return the column values after `id`, in `_UPDATE_TICKET` order."""
+    """Return the column values after `id`, in `_TICKET_COLUMNS` order."""
     return (
         ticket.type,
         _encode_json(ticket.payload),
@@ -118,6 +120,43 @@ def _ticket_values(ticket: Ticket) -> tuple[Any, ...]:
         ticket.version,
         ticket.lease_version,
     )
+
+
+@cache
+def _update_sql(indexed: tuple[str, ...]) -> str:
+    assignments = ", ".join(f"{column} = ?" for column in (*_PLAIN_COLUMNS, *indexed))
+    return f"UPDATE tickets SET {assignments} WHERE id = ?"
+
+
+def _update_values(before: Ticket | None, ticket: Ticket) -> tuple[str, list[Any]]:
+    """Return the UPDATE statement and its parameters that turn row `before` into `ticket`."""
+    values: list[Any] = [
+        _encode_json(ticket.payload),
+        ticket.attempts,
+        _encode_json(ticket.error_reason),
+        _micros(ticket.created_at),
+        _micros(ticket.updated_at),
+        ticket.version,
+        ticket.lease_version,
+    ]
+    indexed: list[str] = []
+    if before is None or before.type != ticket.type:
+        indexed.append("type")
+        values.append(ticket.type)
+    if before is None or before.nice != ticket.nice:
+        indexed.append("nice")
+        values.append(ticket.nice)
+    if before is None or before.runat != ticket.runat:
+        indexed.append("runat")
+        values.append(_micros(ticket.runat))
+    if before is None or before.status != ticket.status:
+        indexed.append("status")
+        values.append(ticket.status.value)
+    if before is None or before.expires_at != ticket.expires_at:
+        indexed.append("expires_at")
+        values.append(_micros(ticket.expires_at))
+    values.append(ticket.id)
+    return _update_sql(tuple(indexed)), values
 
 
 def _event_from_row(row: tuple[Any, ...]) -> Event:
@@ -145,10 +184,20 @@ class SQLiteTransaction:
     def __init__(self, connection: sqlite3.Connection) -> None:
         self._connection = connection
         self.appended = 0
+        # Rows as read in this job, by id, so `append` can SET only changed indexed columns.
+        self._read: dict[str, Ticket] = {}
+
+    def start_job(self) -> None:
+        """Forget the rows read so far: a rolled-back job may have changed them."""
+        self._read.clear()
+
+    def _remember(self, ticket: Ticket) -> Ticket:
+        self._read[ticket.id] = ticket
+        return ticket
 
     def load(self, ticket_id: str) -> Ticket | None:
         row = self._connection.execute(_SELECT_TICKET, (ticket_id,)).fetchone()
-        return None if row is None else _ticket_from_row(row)
+        return None if row is None else self._remember(_ticket_from_row(row))
 
     def last_version(self, ticket_id: str) -> int:
         row = self._connection.execute(_SELECT_LAST_VERSION, (ticket_id,)).fetchone()
@@ -158,11 +207,11 @@ class SQLiteTransaction:
         # No row locks are needed: BEGIN IMMEDIATE already gives this
         # transaction the only write lock on the file, across processes.
         rows = self._connection.execute(_SELECT_DUE, (to_micros(now), limit)).fetchall()
-        return [_ticket_from_row(row) for row in rows]
+        return [self._remember(_ticket_from_row(row)) for row in rows]
 
     def expired(self, now: datetime, limit: int) -> list[Ticket]:
         rows = self._connection.execute(_SELECT_EXPIRED, (to_micros(now), limit)).fetchall()
-        return [_ticket_from_row(row) for row in rows]
+        return [self._remember(_ticket_from_row(row)) for row in rows]
 
     def next_due_at(self) -> datetime | None:
         row = self._connection.execute(_SELECT_NEXT_DUE).fetchone()
@@ -193,12 +242,13 @@ class SQLiteTransaction:
             raise VersionConflict(event.ticket_id, event.version - 1, self.last_version(event.ticket_id)) from exc
         seq = cursor.lastrowid
 
+        before = self._read.pop(event.ticket_id, None)
         if ticket is None:
             connection.execute(_DELETE_TICKET, (event.ticket_id,))
         elif event.kind is EventKind.PUT:
             connection.execute(_REPLACE_TICKET, (ticket.id, *_ticket_values(ticket), seq))
         else:
-            connection.execute(_UPDATE_TICKET, (*_ticket_values(ticket), ticket.id))
+            connection.execute(*_update_values(before, ticket))
         self.appended += 1
         return event.model_copy(update={"seq": seq})
 
