@@ -1,9 +1,10 @@
-"""The generated docs must match the code they are generated from."""
+"""The docs must match the code and the CI script they describe."""
 
 from __future__ import annotations
 
 import importlib.util
 import json
+import re
 from pathlib import Path
 from types import ModuleType
 
@@ -70,3 +71,14 @@ def test_notebooks_have_no_outputs() -> None:
             if cell["cell_type"] == "code":
                 assert cell["outputs"] == [], f"{path.name} has committed outputs"
                 assert cell["execution_count"] is None, f"{path.name} has an execution count"
+
+
+def test_ci_runs_readme_test_command() -> None:
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    ci_script = (ROOT / ".ci" / "run").read_text(encoding="utf-8")
+
+    match = re.search(r"Run the tests:\n\n```sh\n(.+?)\n```", readme)
+
+    assert match is not None, "README.md has no ```sh block after 'Run the tests:'"
+    command = match.group(1)
+    assert command in ci_script.splitlines(), f".ci/run does not run the README's test command {command!r}"
