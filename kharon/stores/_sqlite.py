@@ -172,8 +172,7 @@ class SQLiteStore:
             return connect(self.path, busy_timeout=self.busy_timeout)
         except sqlite3.Error as exc:
             raise SchemaError(
-                f"cannot open {self.path} as a SQLite database: {exc}; check that the directory exists "
-                "and is writable"
+                f"cannot open {self.path} as a SQLite database: {exc}; check that the directory exists and is writable"
             ) from exc
 
     def _connect_reader(self) -> sqlite3.Connection:

@@ -219,8 +219,8 @@ class SQLiteTransaction:
 
     def append(self, event: Event, ticket: Ticket | None) -> Event:
         connection = self._connection
-        after = event.status_after
-        before = event.status_before
+        status_after = event.status_after
+        status_before = event.status_before
         try:
             cursor = connection.execute(
                 _INSERT_EVENT,
@@ -230,8 +230,8 @@ class SQLiteTransaction:
                     event.kind.value,
                     to_micros(event.at),
                     event.actor,
-                    None if before is None else before.value,
-                    None if after is None else after.value,
+                    None if status_before is None else status_before.value,
+                    None if status_after is None else status_after.value,
                     _encode_json(event.changes),
                     event.schema_version,
                 ),
@@ -242,13 +242,13 @@ class SQLiteTransaction:
             raise VersionConflict(event.ticket_id, event.version - 1, self.last_version(event.ticket_id)) from exc
         seq = cursor.lastrowid
 
-        before = self._read.pop(event.ticket_id, None)
+        row_before = self._read.pop(event.ticket_id, None)
         if ticket is None:
             connection.execute(_DELETE_TICKET, (event.ticket_id,))
         elif event.kind is EventKind.PUT:
             connection.execute(_REPLACE_TICKET, (ticket.id, *_ticket_values(ticket), seq))
         else:
-            connection.execute(*_update_values(before, ticket))
+            connection.execute(*_update_values(row_before, ticket))
         self.appended += 1
         return event.model_copy(update={"seq": seq})
 
@@ -301,9 +301,7 @@ def count_stats(connection: sqlite3.Connection) -> Stats:
     """Count tickets and events in one read transaction, so the numbers agree."""
     connection.execute("BEGIN")
     try:
-        by_type_rows = connection.execute(
-            "SELECT type, status, count(*) FROM tickets GROUP BY type, status"
-        ).fetchall()
+        by_type_rows = connection.execute("SELECT type, status, count(*) FROM tickets GROUP BY type, status").fetchall()
         # NOTE: this scans the whole log (there is no index on kind), so it
         # costs time in proportion to the number of events.
         kind_rows = connection.execute("SELECT kind, count(*) FROM events GROUP BY kind").fetchall()
