@@ -5,7 +5,7 @@ from __future__ import annotations
 import enum
 import json
 import math
-import unicodedata
+import re
 from datetime import datetime, timedelta
 from typing import Annotated, Any, Self
 
@@ -55,6 +55,11 @@ class TicketStatus(enum.StrEnum):
     CANCELLED = "cancelled"
 
 
+# Unicode category Cc (C0 and C1 control characters) and lone surrogates, which
+# cannot be encoded as UTF-8 and so cannot be stored.
+_CONTROL_CHARACTER = re.compile("[\x00-\x1f\x7f-\x9f\ud800-\udfff]")
+
+
 def check_identifier(value: object, what: str) -> str:
     """Validate a ticket id or type: a non-empty string of printable characters."""
     if not isinstance(value, str):
@@ -65,11 +70,11 @@ def check_identifier(value: object, what: str) -> str:
         raise ValueError(
             f"{what} is {len(value)} characters long, the limit is {MAX_ID_LENGTH}: {value[:40]!r}..."
         )
-    for position, char in enumerate(value):
-        if unicodedata.category(char) in ("Cc", "Cs"):
-            raise ValueError(
-                f"{what} {value!r} contains the control character {char!r} at position {position}"
-            )
+    control = _CONTROL_CHARACTER.search(value)
+    if control is not None:
+        raise ValueError(
+            f"{what} {value!r} contains the control character {control.group()!r} at position {control.start()}"
+        )
     return value
 
 
