@@ -1,8 +1,8 @@
 """Fixtures shared by the test modules: every store, and a Kharon on the mock clock.
 
 `store` is parametrized over every store, so each test that requests it runs
-once per store. A store that cannot be built here is skipped with the reason;
-when the `CI` environment variable is set, a skipped memory or SQLite store is
+once per store. A store that cannot be built here is skipped with the reason.
+When the `CI` environment variable is set, a skipped memory or SQLite store is
 an error instead, so CI cannot pass without running the whole contract. The
 PostgreSQL store runs only when `KHARON_TEST_POSTGRES_DSN` names a database,
 in CI too.

@@ -2,8 +2,8 @@
 
 `LifecycleMachine` applies the same random operations (put, lease, retry,
 done, fail, ack, cancel, expire, delete, settle with a stale lease, and time
-passing) to a `Kharon` on each store and to `Model`, a dict-based
-implementation of the lifecycle table written here without any Kharon code.
+passing) to a `Kharon` on each store and to `Model`. The model is a dict-based
+implementation of the lifecycle table, written here without any Kharon code.
 After every step it checks that each store agrees with the model (existence,
 status, attempts, runat, expiry, which calls raise, how many events were
 appended) and that every ticket's projection equals the replay of its history.
@@ -185,7 +185,7 @@ async def outcome(call: Awaitable[Any]) -> tuple[str, Any]:
 
 
 class LifecycleMachine(RuleBasedStateMachine):
-    """Applies each rule to every Kharon in `kharons` and to the model; subclassed per store."""
+    """Apply each rule to a Kharon and to the model; a subclass per store sets `make_store`."""
 
     make_store: Callable[[], Store]
 
