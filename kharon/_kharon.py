@@ -296,6 +296,7 @@ class Kharon:
         stale read is never stored: on a concurrent change the whole step
         (read, preview, update) runs again.
         """
+        conflict: VersionConflict | None = None
         for _ in range(_UPDATE_ATTEMPTS):
             current = await self.store.get(command.ticket_id)
             now = self.clock.now()
@@ -320,9 +321,11 @@ class Kharon:
                 edits["error_reason"] = normalize_error_reason(draft.error_reason)
             try:
                 return await self.store.settle(replace(attempt, **edits))
-            except VersionConflict:
-                continue
-        raise VersionConflict(command.ticket_id, -1, None)
+            except VersionConflict as exc:
+                conflict = exc
+        # Every attempt lost the race to another writer: report the last conflict.
+        assert conflict is not None
+        raise conflict
 
     # -- running -------------------------------------------------------------
 
