@@ -1,9 +1,9 @@
 """SQLiteStore beyond the shared store contract: files, migrations, batching, processes.
 
-The contract suite (tests/store_contract.py) checks what every store does; this
-module checks what only the SQLite store has: the schema in a real file, group
-commit, cancellation while a batch runs, SQLITE_BUSY handling and several
-processes on one file.
+The contract suite (tests/store_contract.py) checks what every store does.
+This module checks what only the SQLite store has: the schema in a real file,
+group commit, cancellation while a batch runs, SQLITE_BUSY handling and
+several processes on one file.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ import sqlite3
 import subprocess
 import sys
 import textwrap
+import threading
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -100,6 +101,25 @@ def test_reopen_changes_nothing(tmp_path: Path) -> None:
 
 def test_migrate_returns_version(tmp_path: Path) -> None:
     assert migrate(tmp_path / "kharon.db") == 1
+
+
+def test_concurrent_migrations_apply_once(tmp_path: Path) -> None:
+    path = tmp_path / "kharon.db"
+    versions: list[int] = []
+    start = threading.Barrier(4)
+
+    def open_file() -> None:
+        start.wait()
+        versions.append(migrate(path))
+
+    threads = [threading.Thread(target=open_file) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+
+    assert versions == [1, 1, 1, 1]
+    assert [row["version"] for row in schema_rows(path)] == [1]
 
 
 def test_non_sqlite_file_rejected_untouched(tmp_path: Path) -> None:
@@ -590,8 +610,8 @@ def test_two_processes_never_lease_twice(tmp_path: Path) -> None:
         assert json.loads(stdout), "each process leases tickets after each of its puts"
 
 
-def test_wait_for_change_reads_data_version_of_other_store(tmp_path: Path) -> None:
-    """A second store on the same file stands in for another process, in one trio run."""
+def test_wait_for_change_wakes_on_second_store(tmp_path: Path) -> None:
+    """A second store on the same file acts as another process, inside one trio run."""
     path = tmp_path / "kharon.db"
     first = SQLiteStore(path)
     second = SQLiteStore(path)

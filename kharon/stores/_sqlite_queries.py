@@ -62,17 +62,26 @@ _INSERT_EVENT: Final = (
 _REPLACE_TICKET: Final = (
     f"INSERT OR REPLACE INTO tickets ({_TICKET_COLUMNS}, put_seq) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
 )
-# An UPDATE rewrites every index that contains a column it SETs, even when
-# the value is the same. So the columns in an index are only SET when their
-# value changed, and the others always.
+# SQLite maintains every index that contains a column named in an UPDATE's
+# SET list, so a column that is in an index is SET only when its value
+# changed. The other columns are always SET.
 _PLAIN_COLUMNS: Final = ("payload", "attempts", "error_reason", "created_at", "updated_at", "version", "lease_version")
 _INDEXED_COLUMNS: Final = ("type", "nice", "runat", "status", "expires_at")
 _DELETE_TICKET: Final = "DELETE FROM tickets WHERE id = ?"
 
 # One encoder for every write: json.dumps with keyword arguments builds a new
 # encoder per call. The values were validated as JSON by the ticket model.
-_encode_json = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
-_decode_json = json.loads
+_encoder = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"))
+
+
+def _encode_json(value: Any) -> str:
+    # None is the usual payload and error reason, so it skips the encoder.
+    return "null" if value is None else _encoder.encode(value)
+
+
+def _decode_json(text: str) -> Any:
+    return None if text == "null" else json.loads(text)
+
 
 _STATUSES: Final = {status.value: status for status in TicketStatus}
 _KINDS: Final = {kind.value: kind for kind in EventKind}

@@ -39,9 +39,9 @@ __all__ = [
 ]
 
 # How long a connection waits for another connection's write lock before
-# SQLite returns SQLITE_BUSY, in seconds. Writers hold the lock for one group
-# commit (milliseconds), so 5 s only runs out when a process is stuck; the
-# store then retries the batch with a backoff before giving up.
+# SQLite returns SQLITE_BUSY, in seconds. Kharon writers hold the lock for one
+# group commit (milliseconds), so 5 s runs out only when a process is stuck.
+# The store then retries the batch with a backoff before giving up.
 DEFAULT_BUSY_TIMEOUT = 5.0
 
 SCHEMA_TABLE = "kharon_schema"
@@ -133,17 +133,19 @@ def connect(path: str | os.PathLike[str], *, busy_timeout: float) -> sqlite3.Con
     return connection
 
 
-def _configure(connection: sqlite3.Connection) -> None:
-    # WAL lets readers run while one writer commits, and NORMAL sync is durable
-    # against a process crash; a power loss may lose the last commits but never
-    # corrupts the file (https://www.sqlite.org/pragma.html#pragma_synchronous).
+def _configure(connection: sqlite3.Connection, path: str) -> None:
+    # WAL lets readers run while one writer commits. With synchronous=NORMAL a
+    # commit survives a process crash, and a power loss may lose the last
+    # commits but does not corrupt the file
+    # (https://www.sqlite.org/pragma.html#pragma_synchronous).
     mode = connection.execute("PRAGMA journal_mode = WAL").fetchone()[0]
     if str(mode).lower() != "wal":
-        raise SchemaError(f"SQLite refused WAL mode (journal_mode is {mode!r})")
+        raise SchemaError(
+            f"cannot switch {path} to WAL mode (journal_mode stayed {mode!r}); WAL needs a local, "
+            "writable file system with shared memory, so move the file there"
+        )
     connection.execute("PRAGMA synchronous = NORMAL")
-    # The schema has no foreign keys; enforcement stays off so a later
-    # migration that adds some gets the documented SQLite default behaviour.
-    connection.execute("PRAGMA foreign_keys = OFF")
+    # The schema has no foreign keys, so PRAGMA foreign_keys stays at its default (off).
 
 
 def _applied_version(connection: sqlite3.Connection) -> int:
@@ -214,7 +216,7 @@ def _apply(connection: sqlite3.Connection, migration: Migration, path: str) -> N
 def open_database(connection: sqlite3.Connection, path: str) -> int:
     """Check the file behind `connection`, switch it to WAL and migrate it; return the version."""
     version = _check_file(connection, path)
-    _configure(connection)
+    _configure(connection, path)
     for migration in known_migrations():
         if migration.version > version:
             _apply(connection, migration, path)
