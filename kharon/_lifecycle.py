@@ -272,14 +272,21 @@ def decide_lease(current: Ticket, command: LeaseCommand) -> Event:
     """Decide the lease of a due ticket by a poll.
 
     The lease lasts `process_time` plus the poll backoff on the attempts made
-    so far, and the ticket's runat becomes that expiry.
+    so far, and the ticket's runat becomes that expiry. Leasing a running
+    ticket again records, as its error reason, that the previous lease expired
+    with no settle call: the handler's own timeout retry usually loses the race
+    to this lease, so this is where the log says why the attempt ended.
     """
     now = command.now
     before = _state_of(current)
     due = current.runat is not None and current.runat <= now
     after = destination(current.id, before, "lease", due=due)
     expiry = now + command.process_time + command.backoff.compute(current.attempts)
-    changes = {"attempts": current.attempts + 1, "runat": _iso(expiry)}
+    changes: dict[str, Any] = {"attempts": current.attempts + 1, "runat": _iso(expiry)}
+    if before == RUNNING:
+        changes["error_reason"] = (
+            f"lease of attempt {current.attempts} expired at {_iso(current.runat)} with no settle call"
+        )
     return _event(current.id, current.version + 1, EventKind.LEASE, now, command.actor, before, after, changes)
 
 
