@@ -100,6 +100,9 @@ class _Runtime:
                 max_attempts=settings.max_attempts,
             )
             last_poll = trio.current_time()
+            # Taken before the lease, so a put that commits while the lease
+            # runs (even in the same batch) still wakes the wait below.
+            change_token = store.change_token()
             try:
                 result = await store.lease(command)
             except StoreClosed:
@@ -136,7 +139,7 @@ class _Runtime:
             else:
                 wait = min(max(_seconds(result.next_due_at - clock.now()), 0.0), max_interval)
             with trio.move_on_after(wait):
-                await store.wait_for_change()
+                await store.wait_for_change(change_token)
             # At most one idle poll per min_poll_interval, however often we are woken.
             await trio.sleep_until(last_poll + min_interval)
 

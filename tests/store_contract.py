@@ -1069,6 +1069,34 @@ class StoreContract:
 
     # -- closing -------------------------------------------------------------
 
+    # -- waking --------------------------------------------------------------
+
+    async def test_put_during_lease_wakes_waiter(
+        self, kharon: Kharon, autojump_clock: trio.testing.MockClock
+    ) -> None:
+        """A put that commits while a poll runs must wake the poller's next wait."""
+        token = kharon.store.change_token()
+        async with trio.open_nursery() as nursery:
+            # Started in this order, both writes reach the store before either
+            # returns: the SQLite store commits them in one batch.
+            nursery.start_soon(lease, kharon)
+            nursery.start_soon(kharon.put, new_ticket())
+
+        with trio.move_on_after(60) as waited:
+            await kharon.store.wait_for_change(token)
+
+        assert not waited.cancelled_caught
+
+    async def test_wait_blocks_without_change(
+        self, kharon: Kharon, autojump_clock: trio.testing.MockClock
+    ) -> None:
+        token = kharon.store.change_token()
+
+        with trio.move_on_after(60) as waited:
+            await kharon.store.wait_for_change(token)
+
+        assert waited.cancelled_caught
+
     async def test_closed_store_raises(self, kharon: Kharon, autojump_clock: trio.testing.MockClock) -> None:
         await kharon.put(new_ticket())
 

@@ -124,6 +124,7 @@ class MemoryStore:
         self._last_version: dict[str, int] = {}
         self._events: list[Event] = []
         self._changed = trio.Event()
+        self._change_count = 0
         self._closed = False
 
     def _run(self, operation: Callable[[_MemoryTransaction], T], *, wakes: bool = True) -> T:
@@ -136,8 +137,7 @@ class MemoryStore:
             tx.rollback()
             raise
         if wakes and tx._undo:
-            self._changed.set()
-            self._changed = trio.Event()
+            self._wake()
         return result
 
     async def put(self, commands: Sequence[PutCommand]) -> list[Ticket]:
@@ -213,14 +213,25 @@ class MemoryStore:
             events_by_kind[event.kind.value] = events_by_kind.get(event.kind.value, 0) + 1
         return Stats(by_status, by_type, events_by_kind, len(self._events))
 
-    async def wait_for_change(self) -> None:
+    def change_token(self) -> int:
+        return self._change_count
+
+    async def wait_for_change(self, since: int | None = None) -> None:
         self._check_open()
+        if since is not None and since != self._change_count:
+            await trio.lowlevel.checkpoint()
+            return
         await self._changed.wait()
+
+    def _wake(self) -> None:
+        self._change_count += 1
+        self._changed.set()
+        self._changed = trio.Event()
 
     async def close(self) -> None:
         self._closed = True
         # Wake any poller so it notices the closed store at once.
-        self._changed.set()
+        self._wake()
 
     def _check_open(self) -> None:
         if self._closed:

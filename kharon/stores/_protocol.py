@@ -139,13 +139,21 @@ class Store(Protocol):
     async def stats(self) -> Stats:
         """Return counts over the projection and the log."""
 
-    async def wait_for_change(self) -> None:
+    def change_token(self) -> int:
+        """Return a counter that grows each time `wait_for_change` waiters are woken.
+
+        Read it before a poll and pass it to `wait_for_change`, so a write that
+        lands between the poll and the wait still wakes the poller.
+        """
+
+    async def wait_for_change(self, since: int | None = None) -> None:
         """Return when a write may have made a ticket due.
 
-        In-process writes wake the waiter at once. Writes by other processes are
-        noticed as the backend allows (SQLite: by polling `PRAGMA data_version`;
-        PostgreSQL: LISTEN/NOTIFY). It may return early; the caller bounds the
-        wait with its own timeout.
+        Return at once when `since` is given and `change_token()` has moved
+        past it. In-process writes wake the waiter at once. Writes by other
+        processes are noticed as the backend allows (SQLite: by polling
+        `PRAGMA data_version`; PostgreSQL: LISTEN/NOTIFY). It may return
+        early; the caller bounds the wait with its own timeout.
         """
 
     async def close(self) -> None:

@@ -171,6 +171,8 @@ class SQLiteStore:
         self._pending: list[_Job[Any]] = []
         self._run: _RunState | None = None
         self._closed = False
+        # Times waiters were woken; see `change_token`.
+        self._change_count = 0
         # Write transactions committed by this store; tests use it to see batching.
         self.committed_batches = 0
 
@@ -397,6 +399,7 @@ class SQLiteStore:
         return changed
 
     def _wake(self, run: _RunState) -> None:
+        self._change_count += 1
         run.changed.set()
         run.changed = trio.Event()
 
@@ -451,7 +454,10 @@ class SQLiteStore:
 
     # -- waiting -------------------------------------------------------------
 
-    async def wait_for_change(self) -> None:
+    def change_token(self) -> int:
+        return self._change_count
+
+    async def wait_for_change(self, since: int | None = None) -> None:
         """Return when a write may have made a ticket due.
 
         A put, retry or other settle call in this process wakes the waiter at
@@ -460,6 +466,9 @@ class SQLiteStore:
         returns early, for example after another process leased a ticket.
         """
         self._check_open()
+        if since is not None and since != self._change_count:
+            await trio.lowlevel.checkpoint()
+            return
         run = self._run_state()
         self._start_writer(run)
         changed = run.changed
