@@ -7,7 +7,7 @@ import json
 import math
 import re
 from datetime import datetime, timedelta
-from typing import Annotated, Any, Self
+from typing import Annotated, Any, Self, TypeVar
 
 from pydantic import (
     BaseModel,
@@ -31,6 +31,7 @@ __all__ = [
     "TicketStatus",
     "as_delay",
     "check_identifier",
+    "construct_unchecked",
     "copy_json",
     "copy_ticket",
     "normalize_json",
@@ -100,6 +101,30 @@ def normalize_json(value: Any, what: str) -> Any:
     if isinstance(value, (str, int, float, bool)) or value is None:
         return value
     return json.loads(text)
+
+
+ModelT = TypeVar("ModelT", bound=BaseModel)
+
+
+def construct_unchecked(model: type[ModelT], fields: dict[str, Any]) -> ModelT:
+    """Build a `model` instance from trusted values without validation; it takes ownership of `fields`.
+
+    The result equals `model.model_construct(**fields)`. When `fields` names
+    exactly the model's fields, the instance is assembled directly, which
+    takes about a quarter of the time of `model_construct` (pydantic 2.14)
+    because no field is looked up for an alias or a default. That path sets
+    the attributes `model_construct` sets for a model with no extras, private
+    attributes or `model_post_init`, which holds for `Ticket` and `Event`.
+    Any other set of keys goes through `model_construct`.
+    """
+    if fields.keys() != model.__pydantic_fields__.keys():
+        return model.model_construct(**fields)
+    instance = model.__new__(model)
+    object.__setattr__(instance, "__dict__", fields)
+    object.__setattr__(instance, "__pydantic_fields_set__", set(fields))
+    object.__setattr__(instance, "__pydantic_extra__", None)
+    object.__setattr__(instance, "__pydantic_private__", None)
+    return instance
 
 
 def copy_json(value: Any) -> Any:

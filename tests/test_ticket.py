@@ -9,7 +9,8 @@ import pydantic
 import pytest
 
 from kharon import BackoffDelay, FixedDelay, Ticket, TicketStatus
-from kharon._ticket import MAX_DELAY, MAX_ID_LENGTH, NICE_MAX, NICE_MIN, as_delay
+from kharon._events import Event, EventKind
+from kharon._ticket import MAX_DELAY, MAX_ID_LENGTH, NICE_MAX, NICE_MIN, as_delay, construct_unchecked
 
 NAN = float("nan")
 INF = float("inf")
@@ -423,3 +424,50 @@ def test_as_delay_rejects_other_types(value: object) -> None:
 def test_as_delay_negative_timedelta() -> None:
     with pytest.raises(pydantic.ValidationError, match="must not be negative"):
         as_delay(timedelta(seconds=-5))
+
+
+# -- construction without validation ---------------------------------------------
+
+
+def _assert_same_model(built: pydantic.BaseModel, expected: pydantic.BaseModel) -> None:
+    assert type(built) is type(expected)
+    assert built == expected
+    assert built.__dict__ == expected.__dict__
+    assert built.model_fields_set == expected.model_fields_set
+    assert built.__pydantic_extra__ == expected.__pydantic_extra__
+    assert built.__pydantic_private__ == expected.__pydantic_private__
+
+
+def test_construct_unchecked_ticket_matches() -> None:
+    now = datetime(2024, 5, 1, tzinfo=UTC)
+    fields = Ticket(type="email", payload={"to": "a@example.com"}, runat=now, created_at=now).model_dump()
+
+    built = construct_unchecked(Ticket, dict(fields))
+
+    _assert_same_model(built, Ticket.model_construct(**fields))
+
+
+def test_construct_unchecked_event_matches() -> None:
+    fields = {
+        "seq": 7,
+        "ticket_id": "t1",
+        "version": 2,
+        "kind": EventKind.LEASE,
+        "at": datetime(2024, 5, 1, tzinfo=UTC),
+        "actor": "worker-0",
+        "status_before": TicketStatus.PENDING,
+        "status_after": TicketStatus.RUNNING,
+        "changes": {"attempts": 1},
+        "schema_version": 1,
+    }
+
+    built = construct_unchecked(Event, dict(fields))
+
+    _assert_same_model(built, Event.model_construct(**fields))
+
+
+def test_construct_unchecked_partial_fields_use_defaults() -> None:
+    built = construct_unchecked(Ticket, {"id": "t1", "type": "email"})
+
+    _assert_same_model(built, Ticket.model_construct(id="t1", type="email"))
+    assert built.status is TicketStatus.PENDING

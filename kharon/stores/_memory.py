@@ -75,9 +75,10 @@ class _MemoryTransaction:
         ]
         return min(instants, default=None)
 
-    def append(self, event: Event, ticket: Ticket | None) -> Event:
+    def append(self, event: Event, ticket: Ticket | None) -> int:
         store = self._store
-        stored = event.model_copy(update={"seq": len(store._events) + 1})
+        seq = len(store._events) + 1
+        stored = event.model_copy(update={"seq": seq})
         self._undo.append(
             (
                 event.ticket_id,
@@ -94,8 +95,8 @@ class _MemoryTransaction:
         else:
             store._tickets[event.ticket_id] = ticket
             if event.kind == "put":
-                store._put_seq[event.ticket_id] = stored.seq or 0
-        return stored
+                store._put_seq[event.ticket_id] = seq
+        return seq
 
     def rollback(self) -> None:
         store = self._store

@@ -91,10 +91,11 @@ class Transaction(Protocol):
     def next_due_at(self) -> datetime | None:
         """Return the earliest runat of pending and running tickets, None when there are none."""
 
-    def append(self, event: Event, ticket: Ticket | None) -> Event:
+    def append(self, event: Event, ticket: Ticket | None) -> int:
         """Append `event` and write `ticket` as the projection row (None removes it).
 
-        Return the event with its global `seq` assigned.
+        Return the global `seq` the store assigned to the event. `event` itself
+        is left unchanged (its `seq` stays None), so no copy of it is made.
         """
 
 

@@ -3,7 +3,7 @@
 Everything here is synchronous and runs in a worker thread on a connection
 the caller owns for the duration of the call. Rows come from our own schema
 and were validated when they were written, so tickets and events are rebuilt
-with `model_construct`, which skips validation.
+with `construct_unchecked`, which skips validation.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from typing import Any, Final
 
 from kharon._errors import VersionConflict
 from kharon._events import Event, EventKind
-from kharon._ticket import Ticket, TicketStatus
+from kharon._ticket import Ticket, TicketStatus, construct_unchecked
 from kharon._time import from_micros, to_micros
 from kharon.stores._protocol import Stats, empty_status_counts
 
@@ -96,20 +96,23 @@ def _instant(value: int | None) -> datetime | None:
 
 
 def _ticket_from_row(row: tuple[Any, ...]) -> Ticket:
-    return Ticket.model_construct(
-        id=row[0],
-        type=row[1],
-        payload=_decode_json(row[2]),
-        nice=row[3],
-        runat=_instant(row[4]),
-        status=_STATUSES[row[5]],
-        attempts=row[6],
-        error_reason=_decode_json(row[7]),
-        created_at=_instant(row[8]),
-        updated_at=_instant(row[9]),
-        expires_at=_instant(row[10]),
-        version=row[11],
-        lease_version=row[12],
+    return construct_unchecked(
+        Ticket,
+        {
+            "id": row[0],
+            "type": row[1],
+            "payload": _decode_json(row[2]),
+            "nice": row[3],
+            "runat": _instant(row[4]),
+            "status": _STATUSES[row[5]],
+            "attempts": row[6],
+            "error_reason": _decode_json(row[7]),
+            "created_at": _instant(row[8]),
+            "updated_at": _instant(row[9]),
+            "expires_at": _instant(row[10]),
+            "version": row[11],
+            "lease_version": row[12],
+        },
     )
 
 
@@ -169,17 +172,20 @@ def _update_values(before: Ticket | None, ticket: Ticket) -> tuple[str, list[Any
 
 
 def _event_from_row(row: tuple[Any, ...]) -> Event:
-    return Event.model_construct(
-        seq=row[0],
-        ticket_id=row[1],
-        version=row[2],
-        kind=_KINDS[row[3]],
-        at=from_micros(row[4]),
-        actor=row[5],
-        status_before=None if row[6] is None else _STATUSES[row[6]],
-        status_after=None if row[7] is None else _STATUSES[row[7]],
-        changes=_decode_json(row[8]),
-        schema_version=row[9],
+    return construct_unchecked(
+        Event,
+        {
+            "seq": row[0],
+            "ticket_id": row[1],
+            "version": row[2],
+            "kind": _KINDS[row[3]],
+            "at": from_micros(row[4]),
+            "actor": row[5],
+            "status_before": None if row[6] is None else _STATUSES[row[6]],
+            "status_after": None if row[7] is None else _STATUSES[row[7]],
+            "changes": _decode_json(row[8]),
+            "schema_version": row[9],
+        },
     )
 
 
@@ -226,7 +232,7 @@ class SQLiteTransaction:
         row = self._connection.execute(_SELECT_NEXT_DUE).fetchone()
         return _instant(row[0])
 
-    def append(self, event: Event, ticket: Ticket | None) -> Event:
+    def append(self, event: Event, ticket: Ticket | None) -> int:
         connection = self._connection
         status_after = event.status_after
         status_before = event.status_before
@@ -249,7 +255,7 @@ class SQLiteTransaction:
             # UNIQUE (ticket_id, version): another writer appended this version
             # first, so the decision was made on a stale row.
             raise VersionConflict(event.ticket_id, event.version - 1, self.last_version(event.ticket_id)) from exc
-        seq = cursor.lastrowid
+        seq: int = cursor.lastrowid  # type: ignore[assignment]  # an INSERT always sets it
 
         row_before = self._read.pop(event.ticket_id, None)
         if ticket is None:
@@ -259,7 +265,7 @@ class SQLiteTransaction:
         else:
             connection.execute(*_update_values(row_before, ticket))
         self.appended += 1
-        return event.model_copy(update={"seq": seq})
+        return seq
 
 
 def select_ticket(connection: sqlite3.Connection, ticket_id: str) -> Ticket | None:
