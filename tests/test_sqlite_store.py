@@ -162,6 +162,33 @@ def test_foreign_database_rejected_untouched(tmp_path: Path) -> None:
     assert Database(path).table_names() == ["customers"]
 
 
+@pytest.mark.parametrize(
+    ("script", "expected"),
+    [
+        ("CREATE VIEW report AS SELECT 1", "not a Kharon database"),
+        ("CREATE TABLE kharon_schema (x)", "that Kharon did not create"),
+        (
+            "CREATE TABLE kharon_schema (version INTEGER PRIMARY KEY, name TEXT, applied_at TEXT);"
+            "INSERT INTO kharon_schema VALUES (1, '0001_init', '2026-01-01');",
+            "lacks the tables events, tickets",
+        ),
+    ],
+    ids=["only-a-view", "foreign-schema-table", "damaged"],
+)
+def test_odd_database_rejected_untouched(tmp_path: Path, script: str, expected: str) -> None:
+    path = tmp_path / "odd.db"
+    connection = sqlite3.connect(path)
+    connection.executescript(script)
+    connection.close()
+    content = path.read_bytes()
+
+    with pytest.raises(SchemaError) as caught:
+        SQLiteStore(path)
+
+    assert expected in str(caught.value)
+    assert path.read_bytes() == content
+
+
 def test_newer_schema_rejected(tmp_path: Path) -> None:
     path = tmp_path / "kharon.db"
     migrate(path)

@@ -159,27 +159,41 @@ def _check_file(connection: sqlite3.Connection, path: str) -> int:
     Only reads: a rejected file is left untouched.
     """
     try:
-        tables = set(Database(connection, recursive_triggers=False, execute_plugins=False).table_names())
+        database = Database(connection, recursive_triggers=False, execute_plugins=False)
+        tables = set(database.table_names())
+        views = set(database.view_names())
     except sqlite3.DatabaseError as exc:
         raise SchemaError(
             f"{path} is not a SQLite database ({exc}); pass the path of a Kharon database, "
             "or a new file name to create one"
         ) from exc
-    user_tables = {name for name in tables if not name.startswith("sqlite_")}
+    foreign = {name for name in tables | views if not name.startswith("sqlite_")}
     if SCHEMA_TABLE not in tables:
-        if user_tables:
+        if foreign:
             raise SchemaError(
-                f"{path} is a SQLite database but not a Kharon database: it has the tables "
-                f"{', '.join(sorted(user_tables))} and no {SCHEMA_TABLE} table; "
+                f"{path} is a SQLite database but not a Kharon database: it has the tables or views "
+                f"{', '.join(sorted(foreign))} and no {SCHEMA_TABLE} table; "
                 "pass a new file name or a file created by Kharon"
             )
         return 0
-    version = _applied_version(connection)
+    try:
+        version = _applied_version(connection)
+    except sqlite3.DatabaseError as exc:
+        raise SchemaError(
+            f"{path} has a {SCHEMA_TABLE} table that Kharon did not create ({exc}); "
+            "pass a new file name or a file created by Kharon"
+        ) from exc
     latest = len(known_migrations())
     if version > latest:
         raise SchemaError(
             f"{path} has schema version {version}, newer than the version {latest} this Kharon "
             "supports; upgrade kharon to open it"
+        )
+    missing = {"events", "tickets"} - tables
+    if version >= 1 and missing:
+        raise SchemaError(
+            f"{path} records schema version {version} but lacks the tables {', '.join(sorted(missing))}; "
+            "the file is damaged: restore it from a backup or start a new file"
         )
     return version
 
