@@ -657,3 +657,15 @@ async def test_workers_see_api_puts(kharon: Kharon) -> None:
 
     kinds = [event.kind.value for event in await kharon.history("t1")]
     assert kinds == ["put", "lease", "ack"]
+
+
+@pytest.mark.parametrize(
+    ("ticket_id", "encoded"),
+    [("日本3", "%E6%97%A5%E6%9C%AC3"), ("a?b#c d", "a%3Fb%23c%20d"), ("x/y", "x%2Fy")],
+)
+async def test_location_percent_encodes_id(client: httpx.AsyncClient, ticket_id: str, encoded: str) -> None:
+    response = await client.post("/tickets", json={"type": "t", "id": ticket_id})
+
+    assert response.status_code == 202
+    assert response.headers["location"] == f"http://kharon.test/ticket/{encoded}"
+    assert response.json()["id"] == ticket_id
