@@ -70,7 +70,12 @@ def utc(value: datetime) -> datetime:
             f"naive datetime {value.isoformat()!r} is ambiguous; "
             "pass a timezone-aware datetime, for example datetime.now(UTC)"
         )
-    return value.astimezone(UTC)
+    try:
+        return value.astimezone(UTC)
+    except OverflowError:
+        raise ValueError(
+            f"datetime {value.isoformat()!r} is out of range once converted to UTC"
+        ) from None
 
 
 def to_micros(value: datetime) -> int:

@@ -471,3 +471,17 @@ def test_construct_unchecked_partial_fields_use_defaults() -> None:
 
     _assert_same_model(built, Ticket.model_construct(id="t1", type="email"))
     assert built.status is TicketStatus.PENDING
+
+
+@pytest.mark.parametrize(
+    "runat",
+    [
+        datetime(1, 1, 1, 1, tzinfo=timezone(timedelta(hours=5))),
+        datetime(9999, 12, 31, 23, tzinfo=timezone(timedelta(hours=-5))),
+    ],
+)
+def test_runat_out_of_utc_range_rejected(runat: datetime) -> None:
+    with pytest.raises(pydantic.ValidationError) as caught:
+        Ticket(type="email", runat=runat)
+
+    assert "out of range once converted to UTC" in str(caught.value)
