@@ -22,6 +22,7 @@ from kharon._time import new_ticket_id, utc
 __all__ = [
     "MAX_DELAY",
     "MAX_ID_LENGTH",
+    "MAX_JSON_DEPTH",
     "NICE_MAX",
     "NICE_MIN",
     "BackoffDelay",
@@ -79,28 +80,59 @@ def check_identifier(value: object, what: str) -> str:
     return value
 
 
+# Deepest nesting of dicts and lists accepted in a payload or error reason.
+# pydantic serializes at most 255 levels and an API response wraps the payload
+# in a few more, so a deeper value could be stored but never returned.
+MAX_JSON_DEPTH = 100
+
+
 def normalize_json(value: Any, what: str) -> Any:
     """Return `value` as plain JSON data, or raise `ValueError` naming the problem.
 
     A pydantic model is dumped in JSON mode. Anything else must already be JSON:
-    dict with string keys, list, str, int, float, bool or None. NaN and the
-    infinities are rejected because JSON has no spelling for them. The value is
-    round-tripped through `json`, so tuples come back as lists, exactly as a
-    store would return them.
+    dict with string keys, list, str, int, float, bool or None, nested at most
+    `MAX_JSON_DEPTH` levels. NaN and the infinities are rejected because JSON
+    has no spelling for them, and lone surrogates because UTF-8 cannot encode
+    them. The value is round-tripped through `json`, so tuples come back as
+    lists, exactly as a store would return them.
     """
     if isinstance(value, BaseModel):
         value = value.model_dump(mode="json")
+    _check_depth(value, what)
     try:
         text = json.dumps(value, allow_nan=False, ensure_ascii=False)
     except ValueError as exc:
-        raise ValueError(f"{what} contains NaN or an infinite number, which JSON cannot represent") from exc
+        if "Out of range float values" in str(exc):
+            raise ValueError(f"{what} contains NaN or an infinite number, which JSON cannot represent") from exc
+        raise ValueError(f"{what} is not JSON-serializable: {exc}") from exc
     except TypeError as exc:
         raise ValueError(
             f"{what} is not JSON-serializable ({exc}); pass JSON data or a pydantic model"
         ) from exc
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise ValueError(
+            f"{what} contains the lone surrogate {text[exc.start : exc.end]!r}, which UTF-8 cannot encode"
+        ) from None
     if isinstance(value, (str, int, float, bool)) or value is None:
         return value
     return json.loads(text)
+
+
+def _check_depth(value: Any, what: str) -> None:
+    pending: list[tuple[Any, int]] = [(value, 1)]
+    while pending:
+        item, depth = pending.pop()
+        if isinstance(item, dict):
+            children: Any = item.values()
+        elif isinstance(item, (list, tuple)):
+            children = item
+        else:
+            continue
+        if depth > MAX_JSON_DEPTH:
+            raise ValueError(f"{what} is nested more than {MAX_JSON_DEPTH} levels deep, the limit")
+        pending.extend((child, depth + 1) for child in children)
 
 
 ModelT = TypeVar("ModelT", bound=BaseModel)
@@ -327,6 +359,8 @@ class Ticket(BaseModel):
 def normalize_error_reason(value: Any) -> Any:
     """Store an exception as "Type: message"; anything else must be JSON data."""
     if isinstance(value, BaseException):
-        message = str(value)
+        # Exception messages may carry lone surrogates (from surrogateescape
+        # decoding of file names, say), which a store cannot encode.
+        message = str(value).encode("utf-8", "backslashreplace").decode("utf-8")
         return f"{type(value).__name__}: {message}" if message else type(value).__name__
     return normalize_json(value, "error reason")

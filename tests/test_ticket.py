@@ -485,3 +485,42 @@ def test_runat_out_of_utc_range_rejected(runat: datetime) -> None:
         Ticket(type="email", runat=runat)
 
     assert "out of range once converted to UTC" in str(caught.value)
+
+
+def nested_lists(depth: int) -> list[object]:
+    value: list[object] = []
+    for _ in range(depth - 1):
+        value = [value]
+    return value
+
+
+def test_payload_at_depth_limit_accepted() -> None:
+    ticket = Ticket(type="email", payload=nested_lists(100))
+
+    assert ticket.payload == nested_lists(100)
+
+
+@pytest.mark.parametrize("depth", [101, 5000])
+def test_payload_too_deep_rejected(depth: int) -> None:
+    with pytest.raises(pydantic.ValidationError, match="nested more than 100 levels"):
+        Ticket(type="email", payload=nested_lists(depth))
+
+
+def test_payload_lone_surrogate_rejected() -> None:
+    with pytest.raises(pydantic.ValidationError, match="lone surrogate"):
+        Ticket(type="email", payload={"name": "\ud800"})
+
+
+def test_payload_huge_int_named_correctly() -> None:
+    with pytest.raises(pydantic.ValidationError) as caught:
+        Ticket(type="email", payload={"n": 10**5000})
+
+    assert "NaN" not in str(caught.value)
+    assert "digits" in str(caught.value)
+
+
+def test_exception_reason_escapes_surrogates() -> None:
+    ticket = Ticket(type="email", error_reason=OSError("bad \udcff name"))
+
+    assert ticket.error_reason == "OSError: bad \\udcff name"
+    ticket.error_reason.encode("utf-8")
