@@ -44,7 +44,21 @@ _UPDATE_ATTEMPTS = 8
 
 # Fields an `update=` callable may change; any other change raises ValueError.
 _EDITABLE = ("payload", "nice", "runat", "error_reason")
-_FIXED = ("id", "type", "status", "attempts", "version", "created_at", "expires_at", "lease_version")
+_FIXED = (
+    "id",
+    "type",
+    "status",
+    "attempts",
+    "version",
+    "created_at",
+    "updated_at",
+    "expires_at",
+    "lease_version",
+)
+# A put starts a new lifecycle with no error reason, so its `update=` may edit
+# only what the put stores.
+_PUT_EDITABLE = ("payload", "nice", "runat")
+_PUT_FIXED = (*_FIXED, "error_reason")
 
 
 @dataclass(frozen=True, slots=True)
@@ -91,7 +105,7 @@ class Kharon:
         self.settings = settings or Settings()
         self.clock: Clock = clock or SystemClock()
         # Recorded on the events of calls made outside handlers.
-        self.actor = actor or default_actor()
+        self.actor = default_actor() if actor is None else check_identifier(actor, "actor")
         self._rng = rng or random.Random()
 
     # -- putting -------------------------------------------------------------
@@ -146,7 +160,7 @@ class Kharon:
             await _call_update(update, draft)
             # A put always stores a pending ticket with attempts 0, so a
             # changed status or attempts would be dropped without a word.
-            _check_fixed_fields(final, draft, ("id", "type", "status", "attempts"))
+            _check_fixed_fields(final, draft, _PUT_FIXED, _PUT_EDITABLE)
             final = Ticket.model_validate(draft.model_dump())
         return PutCommand(final, now, self.actor)
 
@@ -308,14 +322,16 @@ class Kharon:
             preview = fold(current, preview_event) or copy_ticket(current)
             draft = copy_ticket(preview)
             await _call_update(update, draft)
-            _check_fixed_fields(preview, draft, _FIXED)
+            _check_fixed_fields(preview, draft, _FIXED, _EDITABLE)
+            if draft.runat is None and preview.runat is not None:
+                raise ValueError("update may not clear 'runat'; set it to an instant instead")
 
             edits: dict[str, Any] = {}
             if draft.payload != preview.payload:
                 edits["payload"] = normalize_json(draft.payload, "payload")
             if draft.nice != preview.nice:
                 edits["nice"] = _check_nice(draft.nice)
-            if draft.runat != preview.runat and draft.runat is not None:
+            if draft.runat != preview.runat:
                 edits["runat"] = draft.runat
             if draft.error_reason != preview.error_reason:
                 edits["error_reason"] = normalize_error_reason(draft.error_reason)
@@ -370,10 +386,10 @@ async def _call_update(update: Update, draft: Ticket) -> None:
         await result
 
 
-def _check_fixed_fields(before: Ticket, after: Ticket, fields: Iterable[str]) -> None:
+def _check_fixed_fields(before: Ticket, after: Ticket, fields: Iterable[str], editable: Iterable[str]) -> None:
     for name in fields:
         if getattr(before, name) != getattr(after, name):
             raise ValueError(
                 f"update may not change {name!r} (from {getattr(before, name)!r} to "
-                f"{getattr(after, name)!r}); it may edit {', '.join(_EDITABLE)}"
+                f"{getattr(after, name)!r}); it may edit {', '.join(editable)}"
             )
