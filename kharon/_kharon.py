@@ -107,6 +107,8 @@ class Kharon:
         # Recorded on the events of calls made outside handlers.
         self.actor = default_actor() if actor is None else check_identifier(actor, "actor")
         self._rng = rng or random.Random()
+        # Cancel scopes of the handler hosts of running `run` calls.
+        self._handler_scopes: set[trio.CancelScope] = set()
 
     # -- putting -------------------------------------------------------------
 
@@ -350,6 +352,16 @@ class Kharon:
         from kharon._worker import run_workers
 
         await run_workers(self, router, task_status=task_status)
+
+    def cancel_handlers(self) -> None:
+        """Cancel every running handler now, cutting the shutdown grace period short.
+
+        Their tickets are released to pending as on any shutdown. Use it when
+        a second stop request must not wait for `shutdown_grace_period`; it
+        does not stop polling by itself (cancel `run` for that).
+        """
+        for scope in self._handler_scopes:
+            scope.cancel()
 
     def _actor(self) -> str:
         delivery = _delivery.get()

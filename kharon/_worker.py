@@ -267,10 +267,14 @@ async def run_workers(
     handler_scope = trio.CancelScope(shield=True)
 
     async def host_handlers(task_status: trio.TaskStatus[trio.Nursery]) -> None:
-        with handler_scope:
-            async with trio.open_nursery() as handlers:
-                task_status.started(handlers)
-                await stopping.wait()
+        kharon._handler_scopes.add(handler_scope)
+        try:
+            with handler_scope:
+                async with trio.open_nursery() as handlers:
+                    task_status.started(handlers)
+                    await stopping.wait()
+        finally:
+            kharon._handler_scopes.discard(handler_scope)
 
     logger.info(
         "workers starting: %d workers, batch size %d, process_time %s s, actor %s",

@@ -504,6 +504,31 @@ async def test_shutdown_stops_polling(store: Store, autojump_clock: trio.testing
     assert late.attempts == 0
 
 
+async def test_cancel_handlers_cuts_grace_short(store: Store, autojump_clock: trio.testing.MockClock) -> None:
+    kharon = make_kharon(store, settings(workers=1, process_time=600, shutdown_grace_period=300))
+    router = Router()
+    started = trio.Event()
+
+    @router.route("email")
+    async def send(ticket: Ticket) -> None:
+        started.set()
+        await trio.sleep_forever()
+
+    with trio.fail_after(DEADLINE):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(kharon.run, router)
+            await kharon.put(email("stuck"))
+            await started.wait()
+            stopped_at = trio.current_time()
+            nursery.cancel_scope.cancel()
+            kharon.cancel_handlers()
+
+    assert trio.current_time() - stopped_at < 1
+    stuck = await kharon.get("stuck")
+    assert stuck.status is TicketStatus.PENDING
+    assert stuck.error_reason == "worker shut down before the handler finished"
+
+
 async def test_idle_shutdown_is_immediate(store: Store, autojump_clock: trio.testing.MockClock) -> None:
     kharon = make_kharon(store, settings())
 

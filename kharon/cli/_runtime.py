@@ -125,7 +125,12 @@ def _bind(host: str, port: int) -> str:
 
 
 async def _watch_signals(
-    shutdown: trio.Event, forced: list[int], everything: trio.CancelScope, *, task_status: trio.TaskStatus[None]
+    kharon: Kharon,
+    shutdown: trio.Event,
+    forced: list[int],
+    everything: trio.CancelScope,
+    *,
+    task_status: trio.TaskStatus[None],
 ) -> None:
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
         task_status.started()
@@ -137,6 +142,8 @@ async def _watch_signals(
             else:
                 logger.warning("received %s again: stopping at once", name)
                 forced.append(signum)
+                # Handlers are shielded for the grace period; cut it short.
+                kharon.cancel_handlers()
                 everything.cancel()
 
 
@@ -170,7 +177,7 @@ async def run_server(
     shutdown = trio.Event()
     forced: list[int] = []
     async with trio.open_nursery() as everything:
-        await everything.start(_watch_signals, shutdown, forced, everything.cancel_scope)
+        await everything.start(_watch_signals, kharon, shutdown, forced, everything.cancel_scope)
         async with trio.open_nursery() as services:
             workers = trio.CancelScope()
             await services.start(_run_workers, kharon, router, workers)
@@ -190,7 +197,7 @@ async def run_workers_only(kharon: Kharon, router: Router, *, on_started: Callab
     shutdown = trio.Event()
     forced: list[int] = []
     async with trio.open_nursery() as everything:
-        await everything.start(_watch_signals, shutdown, forced, everything.cancel_scope)
+        await everything.start(_watch_signals, kharon, shutdown, forced, everything.cancel_scope)
         async with trio.open_nursery() as services:
             workers = trio.CancelScope()
             await services.start(_run_workers, kharon, router, workers)
