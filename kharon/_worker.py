@@ -87,16 +87,20 @@ class _Runtime:
         last_poll = -math.inf
         store = self.kharon.store
         clock = self.kharon.clock
+        # `Settings.backoff` builds and validates a new model on each access.
+        backoff = settings.backoff
+        batch_size = settings.effective_batch_size
+        actor = f"{self.node}/poller"
 
         while True:
-            slots = await self.slots.take(settings.effective_batch_size)
+            slots = await self.slots.take(batch_size)
             now = clock.now()
             command = LeaseCommand(
                 limit=len(slots),
                 now=now,
                 process_time=settings.process_time,
-                backoff=settings.backoff,
-                actor=f"{self.node}/poller",
+                backoff=backoff,
+                actor=actor,
                 max_attempts=settings.max_attempts,
             )
             last_poll = trio.current_time()

@@ -112,13 +112,13 @@ def _is_busy(exc: BaseException) -> bool:
 class _Job(Generic[T]):
     """One caller's write: the operation, and its outcome once the batch is over."""
 
-    __slots__ = ("changed", "done", "error", "operation", "result", "wakes")
+    __slots__ = ("caller", "changed", "error", "operation", "result", "wakes")
 
-    def __init__(self, operation: Callable[[SQLiteTransaction], T], wakes: bool, done: trio.Event) -> None:
+    def __init__(self, operation: Callable[[SQLiteTransaction], T], wakes: bool, caller: trio.lowlevel.Task) -> None:
         self.operation = operation
         self.wakes = wakes
-        # The event of the batch this job will run in, set when that batch ends.
-        self.done = done
+        # The task waiting for the outcome; the writer reschedules it when the batch ends.
+        self.caller = caller
         self.result: T | None = None
         self.error: BaseException | None = None
         self.changed = False
@@ -131,8 +131,6 @@ class _RunState:
         self.token = token
         # Set when a job is queued, a task starts waiting for changes, or the store closes.
         self.work = trio.Event()
-        # Jobs queued now wait on this; the writer swaps in a new one as it takes the queue.
-        self.batch_done = trio.Event()
         self.changed = trio.Event()
         self.watchers = 0
         self.next_probe_at = -math.inf
@@ -213,19 +211,20 @@ class SQLiteStore:
     async def _write(self, operation: Callable[[SQLiteTransaction], T], *, wakes: bool) -> T:
         """Queue `operation` for the next batch and return its result.
 
-        Once queued, the caller waits shielded from cancellation. So a write it
-        started is either committed and reported, or failed and raised, and a
-        cancellation arrives at the caller's next checkpoint.
+        Once queued, the caller waits in a sleep that cancellation cannot end.
+        So a write it started is either committed and reported, or failed and
+        raised, and a cancellation arrives at the caller's next checkpoint.
+        This works like a shielded wait on a `trio.Event`, without the cancel
+        scope and the event per call.
         """
         await trio.lowlevel.checkpoint_if_cancelled()
         self._check_open()
         run = self._run_state()
-        job: _Job[T] = _Job(operation, wakes, run.batch_done)
+        job: _Job[T] = _Job(operation, wakes, trio.lowlevel.current_task())
         self._pending.append(job)
         self._start_writer(run)
         run.work.set()
-        with trio.CancelScope(shield=True):
-            await job.done.wait()
+        await trio.lowlevel.wait_task_rescheduled(_cannot_abort)
         error = job.error
         if error is not None:
             job.error = None
@@ -254,11 +253,10 @@ class SQLiteStore:
 
                 jobs = self._pending
                 self._pending = []
-                done = run.batch_done
-                run.batch_done = trio.Event()
                 with trio.CancelScope(shield=True):
                     foreign_change = await trio.to_thread.run_sync(self._run_batch, jobs)
-                done.set()
+                for job in jobs:
+                    trio.lowlevel.reschedule(job.caller)
 
                 run.next_probe_at = trio.current_time() + _DATA_VERSION_POLL_INTERVAL
                 if foreign_change or any(job.wakes and job.changed for job in jobs):
@@ -536,6 +534,12 @@ class SQLiteStore:
     def __repr__(self) -> str:
         state = "closed" if self._closed else "open"
         return f"<SQLiteStore {self.path!r} {state}>"
+
+
+def _cannot_abort(_: Any) -> trio.lowlevel.Abort:
+    # A queued write cannot be taken back, so its caller waits for the outcome;
+    # Trio delivers the cancellation at the caller's next checkpoint instead.
+    return trio.lowlevel.Abort.FAILED
 
 
 def _fail_all(jobs: list[_Job[Any]], make_error: Callable[[], BaseException]) -> None:
