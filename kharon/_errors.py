@@ -56,7 +56,7 @@ class InvalidTransition(KharonError):
         allowed_text = ", ".join(self.allowed) if self.allowed else "none"
         detail = f": {reason}" if reason else ""
         super().__init__(
-            f"cannot {operation} ticket {ticket_id!r} in state {state!r}{detail}; "
+            f"{operation!r} is not allowed for ticket {ticket_id!r} in state {state!r}{detail}; "
             f"operations allowed from {state!r}: {allowed_text}"
         )
 
@@ -75,7 +75,7 @@ class LeaseLost(KharonError):
         self.operation = operation
         reason = detail or f"the ticket is now on lease {current}"
         super().__init__(
-            f"cannot {operation} ticket {ticket_id!r}: lease {lease} is stale ({reason}); "
+            f"{operation!r} of ticket {ticket_id!r} rejected: lease {lease} is stale ({reason}); "
             "the ticket was leased or put again since, so this call changed nothing"
         )
 

@@ -198,7 +198,7 @@ def test_cancel_twice_exits_3(db: str) -> None:
 
     result = run("cancel", "t1", "--db", db)
 
-    assert_failed(result, 3, "cannot cancel ticket 't1' in state 'cancelled'", "delete, expire, put")
+    assert_failed(result, 3, "'cancel' is not allowed for ticket 't1' in state 'cancelled'", "delete, expire, put")
 
 
 def test_cancel_missing_exits_1(db: str) -> None:
@@ -220,7 +220,7 @@ def test_retry_cancelled_exits_3(db: str) -> None:
     run("put", "email", "--id", "t1", "--db", db)
     run("cancel", "t1", "--keep", "--db", db)
 
-    assert_failed(run("retry", "t1", "--db", db), 3, "cannot retry")
+    assert_failed(run("retry", "t1", "--db", db), 3, "'retry' is not allowed")
 
 
 def test_retry_missing_exits_1(db: str) -> None:

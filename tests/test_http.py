@@ -330,7 +330,7 @@ async def test_cancel_twice_is_409(client: httpx.AsyncClient) -> None:
 
     response = await client.post("/ticket/t1/cancel")
 
-    assert_error(response, 409, "cannot cancel", "'cancelled'")
+    assert_error(response, 409, "'cancel' is not allowed", "'cancelled'")
     detail = response.json()["detail"]
     assert detail["state"] == "cancelled"
     assert detail["operation"] == "cancel"
@@ -361,7 +361,7 @@ async def test_retry_done_ticket_is_409(client: httpx.AsyncClient, kharon: Kharo
 
     response = await client.post("/ticket/t1/retry")
 
-    assert_error(response, 409, "cannot retry", "'done'")
+    assert_error(response, 409, "'retry' is not allowed", "'done'")
 
 
 async def test_delete_is_204_twice(client: httpx.AsyncClient) -> None:

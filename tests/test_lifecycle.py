@@ -91,7 +91,7 @@ def test_destination_matches_table(state: str, operation: str, due: bool, keep: 
         assert error.state == state
         assert error.operation == operation
         assert set(error.allowed) == EXPECTED_ALLOWED[state]
-        assert f"cannot {operation} ticket 't-1' in state '{state}'" in str(error)
+        assert f"'{operation}' is not allowed for ticket 't-1' in state '{state}'" in str(error)
         for allowed in EXPECTED_ALLOWED[state]:
             assert allowed in str(error)
     else:
