@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextvars
 import inspect
+import logging
 import os
 import random
 import socket
@@ -15,7 +16,7 @@ from typing import Any, Self
 import trio
 
 from kharon._commands import UNSET, DeleteCommand, PutCommand, SettleCommand, SettleOperation
-from kharon._errors import TicketNotFound, VersionConflict
+from kharon._errors import LeaseLost, TicketNotFound, VersionConflict
 from kharon._events import Event
 from kharon._lifecycle import decide_settle, fold
 from kharon._router import Router
@@ -35,6 +36,8 @@ from kharon._time import Clock, SystemClock
 from kharon.stores._protocol import Stats, Store
 
 __all__ = ["Delivery", "Kharon", "Update", "current_delivery"]
+
+logger = logging.getLogger("kharon.tickets")
 
 # `update=` callables: receive a copy of the ticket and edit it in place.
 Update = Callable[[Ticket], Awaitable[None] | None]
@@ -301,9 +304,23 @@ class Kharon:
             nice=nice,
             error_reason=UNSET if error_reason is None else normalize_error_reason(error_reason),
         )
-        if update is None:
-            return await self.store.settle(command)
-        return await self._settle_with_update(command, update)
+        try:
+            if update is None:
+                settled = await self.store.settle(command)
+            else:
+                settled = await self._settle_with_update(command, update)
+        except LeaseLost as exc:
+            logger.warning("lease lost: %s", exc)
+            raise
+        if operation is SettleOperation.RETRY and settled is not None:
+            logger.warning(
+                "ticket %s retried after attempt %d, due at %s: %s",
+                ticket_id,
+                settled.attempts,
+                settled.runat.isoformat() if settled.runat else "now",
+                settled.error_reason if settled.error_reason is not None else "no reason given",
+            )
+        return settled
 
     async def _settle_with_update(self, command: SettleCommand, update: Update) -> Ticket | None:
         """Run `update` on a preview of the settled ticket, then write its edits.

@@ -238,7 +238,8 @@ class _Runtime:
         try:
             await self.kharon.retry(ticket.id, error_reason=error_reason, delay=delay)
         except LeaseLost:
-            logger.warning("%s of ticket %s skipped: its lease was lost to another worker", what, ticket.id)
+            # Kharon's settle call already logged the lost lease.
+            logger.debug("%s of ticket %s skipped: its lease was lost to another worker", what, ticket.id)
         except (InvalidTransition, TicketNotFound) as exc:
             # The handler settled or deleted the ticket before it failed.
             logger.info("%s of ticket %s skipped: %s", what, ticket.id, exc)

@@ -396,6 +396,20 @@ async def test_stale_handler_loses_lease(store: Store, autojump_clock: trio.test
     await assert_replays(kharon, "t-1")
 
 
+async def test_retry_logged_with_reason(
+    store: Store, autojump_clock: trio.testing.MockClock, caplog: pytest.LogCaptureFixture
+) -> None:
+    kharon = make_kharon(store, settings())
+    await kharon.put(email())
+
+    await kharon.retry("t-1", error_reason="smtp timeout")
+
+    (record,) = [r for r in caplog.records if r.name == "kharon.tickets"]
+    assert record.levelname == "WARNING"
+    assert "ticket t-1 retried" in record.getMessage()
+    assert "smtp timeout" in record.getMessage()
+
+
 async def test_stale_timeout_retry_fenced(
     store: Store, autojump_clock: trio.testing.MockClock, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -423,9 +437,10 @@ async def test_stale_timeout_retry_fenced(
         await wait_until(lambda: _has_status(kharon, "t-1", TicketStatus.DONE))
 
     assert await kinds(kharon, "t-1") == [EventKind.PUT, EventKind.LEASE, EventKind.LEASE, EventKind.DONE]
-    lost = [record for record in caplog.records if "lease was lost" in record.getMessage()]
+    lost = [record for record in caplog.records if record.getMessage().startswith("lease lost")]
     assert len(lost) == 1
-    assert lost[0].name == "kharon.worker"
+    assert lost[0].name == "kharon.tickets"
+    assert "'retry' of ticket 't-1' rejected" in lost[0].getMessage()
 
 
 # -- shutdown ------------------------------------------------------------------
