@@ -20,15 +20,16 @@ and no ticket is leased twice. A writer that finds the lock taken waits up to
 `busy_timeout`. If SQLITE_BUSY still comes back, the whole batch is retried
 with a backoff, and each retry logs a WARNING on `kharon.store.sqlite`.
 
-Where the time goes: a throwaway script put 50,000 no-op tickets in batches
-of 500, then leased 64 at a time and acked each from 64 concurrent tasks (a
-2-core VM shared with other jobs, Python 3.11.7, SQLite 3.40.1). The whole
-lifecycle cost about 165 us of CPU per ticket, 130 us of it in the writer
-thread: SQLite running about 11 statements per ticket (a write touches up to
-six B-trees) about 60 us, the engine's decisions and pydantic objects about
-40 us, row conversion about 20 us. Queueing on the Trio side is about 35 us;
-the thread hop and COMMIT per batch are small next to these. Estimate: about
-6,000 tickets/s on a CPU the process has to itself.
+Where the time goes (docs/benchmarks.md has the figures): on a 2-core VM
+shared with other jobs (Python 3.11.7, SQLite 3.40.1), `benchmarks/bench.py`
+runs 64 workers that lease and ack no-op tickets at about 9,500 tickets/s,
+for about 100 us of CPU per ticket over both threads, which share the GIL.
+The writer thread takes about 85 us of it: lease about 44 us and ack about
+40 us. About half of the writer's time is SQLite running the statements
+(event insert, row update or delete, the selects, COMMIT) and half is Python
+(rows to `Ticket` objects, decisions, events, JSON). The Trio side costs
+about 18 us per ticket. With 4 workers each batch holds at most 4 tickets,
+and the thread hop and COMMIT per batch double the cost per ticket.
 """
 
 from __future__ import annotations
@@ -537,8 +538,8 @@ class SQLiteStore:
 
 
 def _cannot_abort(_: Any) -> trio.lowlevel.Abort:
-    # A queued write cannot be taken back, so its caller waits for the outcome;
-    # Trio delivers the cancellation at the caller's next checkpoint instead.
+    # A queued write cannot be taken back, so its caller waits for the outcome.
+    # Trio then delivers the cancellation at the caller's next checkpoint.
     return trio.lowlevel.Abort.FAILED
 
 
