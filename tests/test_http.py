@@ -7,6 +7,7 @@ import logging
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -149,13 +150,13 @@ async def test_put_malformed_json_is_400(client: httpx.AsyncClient, body: bytes,
     [
         ("nice=2147483648", "'nice'"),
         ("nice=-2147483649", "'nice'"),
-        ("nice=99999999999999999999999", "'99999999999999999999999'"),
+        ("nice=99999999999999999999999", 'got "99999999999999999999999"'),
         ("nice=1.5", "'nice'"),
         ("delay=-1", "'delay'"),
-        ("delay=nan", "'nan'"),
-        ("delay=inf", "'inf'"),
+        ("delay=nan", 'got "nan"'),
+        ("delay=inf", 'got "inf"'),
         ("delay=1e300", "'delay'"),
-        ("delay=soon", "'soon'"),
+        ("delay=soon", 'got "soon"'),
     ],
 )
 async def test_put_invalid_query_is_422(client: httpx.AsyncClient, query: str, fragment: str) -> None:
@@ -169,6 +170,34 @@ async def test_put_invalid_id_is_422(client: httpx.AsyncClient) -> None:
     response = await client.post("/ticket/email/bad%07id")
 
     assert_error(response, 422, "control character")
+    assert response.json()["detail"][0]["loc"] == ["path", "ticket_id"]
+
+
+@pytest.mark.parametrize(
+    ("method", "path"),
+    [
+        ("POST", "/ticket/email/{id}"),
+        ("GET", "/ticket/{id}"),
+        ("GET", "/ticket/{id}/history"),
+        ("POST", "/ticket/{id}/cancel"),
+        ("POST", "/ticket/{id}/retry"),
+        ("DELETE", "/ticket/{id}"),
+    ],
+)
+@pytest.mark.parametrize(("ticket_id", "fragment"), [("bad%07id", "U+0007 at position 3"), ("x" * 300, "at most 255")])
+async def test_invalid_path_id_is_422_everywhere(
+    client: httpx.AsyncClient, method: str, path: str, ticket_id: str, fragment: str
+) -> None:
+    response = await client.request(method, path.format(id=ticket_id))
+
+    assert_error(response, 422, "path parameter 'ticket_id'", fragment)
+    assert response.json()["detail"][0]["loc"] == ["path", "ticket_id"]
+
+
+async def test_invalid_path_type_is_422(client: httpx.AsyncClient) -> None:
+    response = await client.post("/ticket/bad%09type/t1")
+
+    assert_error(response, 422, "path parameter 'ticket_type'", "U+0009 at position 3", r'got "bad\ttype".')
 
 
 async def test_put_id_cancel_works_through_tickets(client: httpx.AsyncClient) -> None:
@@ -222,7 +251,7 @@ async def test_tickets_list_is_one_transaction(client: httpx.AsyncClient, kharon
     ("body", "fragment"),
     [
         ({"type": "x", "runat": "2030-01-01T00:00:00Z", "delay": 5}, "not both"),
-        ({"type": "x", "runat": "2030-01-01T00:00:00"}, "naive"),
+        ({"type": "x", "runat": "2030-01-01T00:00:00"}, "body.runat: Input should have timezone info"),
         ({"type": "x", "surprise": 1}, "surprise"),
         ({"payload": 1}, "body.type"),
         ([{"type": "x"}, {"type": ""}], "body[1].type"),
@@ -238,6 +267,89 @@ async def test_tickets_invalid_body_is_422(client: httpx.AsyncClient, body: obje
     response = await client.post("/tickets", content=content)
 
     assert_error(response, 422, fragment)
+
+
+async def test_naive_runat_message_is_clean(client: httpx.AsyncClient) -> None:
+    response = await client.post("/tickets", json={"type": "done", "runat": "2026-01-01T00:00:00"})
+
+    assert_error(response, 422)
+    body = response.json()
+    assert body["error"] == 'invalid request: body.runat: Input should have timezone info, got "2026-01-01T00:00:00".'
+    assert body["detail"] == [
+        {
+            "loc": ["body", "runat"],
+            "msg": "Input should have timezone info",
+            "type": "timezone_aware",
+            "input": "2026-01-01T00:00:00",
+        }
+    ]
+
+
+async def test_runat_and_delay_message_is_clean(client: httpx.AsyncClient) -> None:
+    response = await client.post("/tickets", json={"type": "done", "runat": "2026-01-01T00:00:00Z", "delay": 5})
+
+    assert_error(response, 422, "body: give runat or delay, not both, got {")
+    message = response.json()["error"]
+    assert message.count("got") == 1
+    assert "{'" not in message
+    assert '"delay": 5' in message
+
+
+async def test_long_id_is_shown_once_truncated(client: httpx.AsyncClient) -> None:
+    response = await client.post("/tickets", json={"type": "done", "id": "x" * 300})
+
+    assert_error(response, 422, "body.id: String should have at most 255 characters, got \"xxx")
+    message = response.json()["error"]
+    assert message.count("x" * 40) == 1
+    assert len(message) < 200
+    assert message.endswith("…."), message
+    assert response.json()["detail"][0]["input"] == "x" * 300
+
+
+async def test_value_error_prefix_is_dropped(client: httpx.AsyncClient) -> None:
+    nested: object = []
+    for _ in range(150):
+        nested = [nested]
+
+    response = await client.post("/tickets", json={"type": "done", "payload": nested})
+
+    assert_error(response, 422, "body.payload: payload is nested more than 100 levels deep")
+    assert "Value error" not in response.json()["error"]
+    assert "Value error" not in response.json()["detail"][0]["msg"]
+    assert response.json()["detail"][0]["loc"] == ["body", "payload"]
+
+
+async def test_put_payload_error_names_body(client: httpx.AsyncClient) -> None:
+    response = await client.post("/ticket/email/t1", content=b"[" * 150 + b"]" * 150)
+
+    assert_error(response, 422, "invalid request: body: payload is nested")
+    assert response.json()["detail"][0]["loc"] == ["body"]
+
+
+async def test_many_errors_are_sentences(client: httpx.AsyncClient) -> None:
+    tickets = [{"type": ""}, {"type": "x", "nice": "high"}, {"id": "", "type": "x"}, {"type": "x", "delay": -1}]
+
+    response = await client.post("/tickets", content=json.dumps(tickets).encode())
+
+    assert_error(response, 422)
+    message = response.json()["error"]
+    assert message.startswith('invalid request: body[0].type: String should have at least 1 character, got "". ')
+    assert 'body[1].nice: Input should be a valid integer, got "high". ' in message
+    assert message.endswith("And 1 more error, listed in detail.")
+    assert len(response.json()["detail"]) == 4
+
+
+async def test_missing_field_has_no_got(client: httpx.AsyncClient) -> None:
+    response = await client.post("/tickets", json={"payload": 1})
+
+    assert_error(response, 422)
+    assert response.json()["error"] == "invalid request: body.type: Field required."
+
+
+async def test_lone_surrogate_is_422(client: httpx.AsyncClient) -> None:
+    response = await client.post("/tickets", content=b'{"type": "a\\ud800"}')
+
+    assert_error(response, 422, "body.type", r'got "a\ud800".')
 
 
 async def test_tickets_malformed_json_is_400(client: httpx.AsyncClient) -> None:
@@ -414,7 +526,7 @@ async def test_list_filters_status_and_type(client: httpx.AsyncClient, kharon: K
 async def test_list_unknown_status_is_422(client: httpx.AsyncClient) -> None:
     response = await client.get("/tickets?status=finished")
 
-    assert_error(response, 422, "'finished'", "'pending'", "'running'", "'done'", "'failed'", "'cancelled'")
+    assert_error(response, 422, 'got "finished"', "'pending'", "'running'", "'done'", "'failed'", "'cancelled'")
 
 
 @pytest.mark.parametrize("limit", ["0", "1001", "many"])
@@ -455,6 +567,39 @@ async def test_healthz_closed_store_is_503(tmp_path: Path) -> None:
         response = await client.get("/healthz")
 
     assert_error(response, 503, "store unavailable")
+
+
+def error_codes(document: dict[str, Any], path: str, method: str) -> set[int]:
+    operation = document["paths"][path][method]
+    return {int(code) for code in operation["responses"] if int(code) >= 400}
+
+
+async def test_openapi_lists_real_errors(client: httpx.AsyncClient) -> None:
+    document = (await client.get("/openapi.json")).json()
+
+    expected = {
+        ("/tickets", "post"): {400, 409, 413, 422, 500, 503},
+        ("/ticket/{ticket_type}/{ticket_id}", "post"): {400, 409, 413, 422, 500, 503},
+        ("/ticket/{ticket_id}", "get"): {404, 422, 500, 503},
+        ("/ticket/{ticket_id}", "delete"): {422, 500, 503},
+        ("/ticket/{ticket_id}/history", "get"): {404, 422, 500, 503},
+        ("/ticket/{ticket_id}/cancel", "post"): {404, 409, 422, 500, 503},
+        ("/ticket/{ticket_id}/retry", "post"): {404, 409, 422, 500, 503},
+        ("/tickets", "get"): {422, 500, 503},
+        ("/stats", "get"): {500, 503},
+        ("/healthz", "get"): {503},
+    }
+    for (path, method), codes in expected.items():
+        assert error_codes(document, path, method) == codes, (method, path)
+
+
+async def test_openapi_lists_401_with_token(secured: httpx.AsyncClient) -> None:
+    response = await secured.get("/openapi.json", headers={"Authorization": f"Bearer {TOKEN}"})
+
+    document = response.json()
+    assert 401 in error_codes(document, "/stats", "get")
+    assert 401 in error_codes(document, "/ticket/{ticket_id}", "get")
+    assert 401 not in error_codes(document, "/healthz", "get")
 
 
 async def test_openapi_and_docs(client: httpx.AsyncClient) -> None:

@@ -2,7 +2,8 @@
 
 Request bodies are parsed here rather than by FastAPI, so malformed JSON
 (including NaN, the infinities and numbers too large for a float, which
-Python's `json` would accept) is a 400 naming the problem instead of a 422.
+Python's `json` would accept) is a 400 naming the problem. Every value that
+parses but is invalid, in the path, the query or the body, is a 422.
 
 NOTE: `POST /ticket/{type}/cancel` and `POST /ticket/{type}/retry` reach the
 cancel and retry routes, which are declared first, so a ticket whose id is "cancel" or "retry" cannot
@@ -19,19 +20,18 @@ from typing import Annotated, Any
 from urllib.parse import quote
 
 import trio
-from fastapi import APIRouter, Depends, FastAPI, Query, Request, Response
-from fastapi.exceptions import RequestValidationError
+from fastapi import APIRouter, Depends, FastAPI, Path, Query, Request, Response
 from pydantic import TypeAdapter, ValidationError
 
 from kharon import __version__
 from kharon._events import Event
 from kharon._kharon import Kharon
 from kharon._ticket import MAX_DELAY, NICE_MAX, NICE_MIN, Ticket, TicketStatus
-from kharon.http._errors import HTTPError, error_response, install_error_handlers
+from kharon.http._errors import HTTPError, error_response, install_error_handlers, relocated, validation_error
 from kharon.http._middleware import BearerAuthMiddleware, BodyLimitMiddleware, RequestLogMiddleware
-from kharon.http._models import ErrorBody, Health, NewTicket, StatsBody, TicketPage
+from kharon.http._models import ErrorBody, Health, Identifier, NewTicket, StatsBody, TicketPage
 
-__all__ = ["DEFAULT_MAX_BODY_SIZE", "create_app"]
+__all__ = ["DEFAULT_MAX_BODY_SIZE", "check_token", "create_app"]
 
 logger = logging.getLogger("kharon.http")
 
@@ -50,9 +50,28 @@ Seconds = Annotated[
     Query(ge=0, le=MAX_DELAY.total_seconds(), allow_inf_nan=False, description="Seconds, finite and >= 0."),
 ]
 
-_ERRORS: dict[int | str, dict[str, Any]] = {
-    code: {"model": ErrorBody} for code in (400, 401, 404, 409, 413, 422)
+TicketId = Annotated[Identifier, Path(description="Ticket id.")]
+TicketType = Annotated[Identifier, Path(description="Ticket type.")]
+
+_ERROR_DESCRIPTIONS = {
+    400: "Malformed JSON body",
+    401: "Missing or wrong bearer token",
+    404: "Ticket not found",
+    409: "Operation not allowed in the ticket's state, or the ticket changed meanwhile",
+    413: "Request body larger than the limit",
+    422: "Invalid path parameter, query parameter or body value",
+    500: "Unexpected error, logged by the server",
+    503: "Store closed, or database schema not usable",
 }
+
+
+def _error_responses(*codes: int) -> dict[int | str, dict[str, Any]]:
+    """Return the OpenAPI `responses` of the given error status codes."""
+    return {code: {"model": ErrorBody, "description": _ERROR_DESCRIPTIONS[code]} for code in codes}
+
+
+# Every route that uses the store can fail with these, except /healthz, which turns store errors into 503.
+_SERVER_ERRORS = (500, 503)
 _PAYLOAD_BODY = {
     "requestBody": {
         "required": False,
@@ -87,7 +106,9 @@ def _kharon(request: Request) -> Kharon:
 
 
 KharonDependency = Annotated[Kharon, Depends(_kharon)]
-routes = APIRouter(responses=_ERRORS)
+# Routes behind the token, when there is one; `public_routes` need none.
+routes = APIRouter()
+public_routes = APIRouter()
 
 
 def _reject_constant(name: str) -> Any:
@@ -122,10 +143,19 @@ def _parse_new_tickets(body: Any) -> NewTicket | list[NewTicket]:
         if isinstance(body, dict):
             return NewTicket.model_validate(body)
     except ValidationError as exc:
-        errors = [{**error, "loc": ("body", *error["loc"])} for error in exc.errors(include_url=False)]
-        raise RequestValidationError(errors) from None
-    got = "an empty body" if body is None else f"{type(body).__name__} {body!r:.80}"
-    raise HTTPError(422, f"invalid request: the body must be a ticket object or a list of them, got {got}")
+        raise relocated(exc, ("body",), {}) from None
+    if body is None:
+        message = "must be a ticket object or a list of them, got an empty body"
+        raise validation_error(("body",), message, body, "missing")
+    raise validation_error(("body",), "must be a ticket object or a list of them", body, "model_type")
+
+
+def _ticket(fields: dict[str, Any], prefix: tuple[int | str, ...], renames: dict[str, tuple[int | str, ...]]) -> Ticket:
+    """Build a Ticket from request values; its validation errors name the request value, as 422."""
+    try:
+        return Ticket(**fields)
+    except ValidationError as exc:
+        raise relocated(exc, prefix, renames) from None
 
 
 def _delay(seconds: float | None) -> timedelta | None:
@@ -148,6 +178,7 @@ def _location(request: Request, ticket_id: str) -> str:
     status_code=202,
     response_model=Ticket | list[Ticket],
     openapi_extra=_NEW_TICKETS_BODY,
+    responses=_error_responses(400, 409, 413, 422, *_SERVER_ERRORS),
     summary="Put one ticket, or a list of tickets in one transaction",
 )
 async def put_tickets(request: Request, response: Response, kharon: KharonDependency) -> Ticket | list[Ticket]:
@@ -156,7 +187,7 @@ async def put_tickets(request: Request, response: Response, kharon: KharonDepend
     now = kharon.clock.now()
     items = parsed if isinstance(parsed, list) else [parsed]
     tickets = []
-    for item in items:
+    for index, item in enumerate(items):
         fields: dict[str, Any] = {"type": item.type, "payload": item.payload, "nice": item.nice}
         if item.id is not None:
             fields["id"] = item.id
@@ -164,7 +195,8 @@ async def put_tickets(request: Request, response: Response, kharon: KharonDepend
             fields["runat"] = now + timedelta(seconds=item.delay)
         elif item.runat is not None:
             fields["runat"] = item.runat
-        tickets.append(Ticket(**fields))
+        prefix: tuple[int | str, ...] = ("body", index) if isinstance(parsed, list) else ("body",)
+        tickets.append(_ticket(fields, prefix, {}))
 
     stored = await kharon.put_many(tickets)
     if isinstance(parsed, list):
@@ -173,17 +205,24 @@ async def put_tickets(request: Request, response: Response, kharon: KharonDepend
     return stored[0]
 
 
-@routes.get("/ticket/{ticket_id}", name="get_ticket", response_model=Ticket, summary="Read a ticket")
-async def get_ticket(ticket_id: str, kharon: KharonDependency) -> Ticket:
+@routes.get(
+    "/ticket/{ticket_id}",
+    name="get_ticket",
+    response_model=Ticket,
+    responses=_error_responses(404, 422, *_SERVER_ERRORS),
+    summary="Read a ticket",
+)
+async def get_ticket(ticket_id: TicketId, kharon: KharonDependency) -> Ticket:
     return await kharon.get(ticket_id)
 
 
 @routes.get(
     "/ticket/{ticket_id}/history",
     response_model=list[Event],
+    responses=_error_responses(404, 422, *_SERVER_ERRORS),
     summary="Read every event of a ticket, also after it was removed",
 )
-async def get_history(ticket_id: str, kharon: KharonDependency) -> list[Event]:
+async def get_history(ticket_id: TicketId, kharon: KharonDependency) -> list[Event]:
     events = await kharon.history(ticket_id)
     if not events:
         raise HTTPError(404, f"ticket {ticket_id!r} has no history: it was never put", {"ticket_id": ticket_id})
@@ -193,11 +232,11 @@ async def get_history(ticket_id: str, kharon: KharonDependency) -> list[Event]:
 @routes.post(
     "/ticket/{ticket_id}/cancel",
     response_model=Ticket,
-    responses={204: {"description": "Cancelled and removed"}},
+    responses={204: {"description": "Cancelled and removed"}, **_error_responses(404, 409, 422, *_SERVER_ERRORS)},
     summary="Cancel a pending or running ticket",
 )
 async def cancel_ticket(
-    ticket_id: str,
+    ticket_id: TicketId,
     kharon: KharonDependency,
     keep: Annotated[bool, Query(description="Keep the ticket as cancelled instead of removing it.")] = False,
     reason: Annotated[str, Query(max_length=1000, description="Error reason recorded in the event.")] = CANCEL_REASON,
@@ -212,9 +251,10 @@ async def cancel_ticket(
 @routes.post(
     "/ticket/{ticket_id}/retry",
     response_model=Ticket,
+    responses=_error_responses(404, 409, 422, *_SERVER_ERRORS),
     summary="Make a pending or running ticket due again",
 )
-async def retry_ticket(ticket_id: str, kharon: KharonDependency, delay: Seconds = None) -> Ticket:
+async def retry_ticket(ticket_id: TicketId, kharon: KharonDependency, delay: Seconds = None) -> Ticket:
     """Retry the ticket after `delay` seconds; without it, after the backoff on its attempts."""
     ticket = await kharon.retry(ticket_id, delay=_delay(delay))
     assert ticket is not None
@@ -226,11 +266,12 @@ async def retry_ticket(ticket_id: str, kharon: KharonDependency, delay: Seconds 
     status_code=202,
     response_model=Ticket,
     openapi_extra=_PAYLOAD_BODY,
+    responses=_error_responses(400, 409, 413, 422, *_SERVER_ERRORS),
     summary="Put a ticket, with the JSON body as its payload",
 )
 async def put_ticket(
-    ticket_type: str,
-    ticket_id: str,
+    ticket_type: TicketType,
+    ticket_id: TicketId,
     request: Request,
     response: Response,
     kharon: KharonDependency,
@@ -239,7 +280,14 @@ async def put_ticket(
 ) -> Ticket:
     """Put the ticket as pending; an existing pending or finished ticket starts over."""
     payload = await _read_json(request)
-    ticket = Ticket(id=ticket_id, type=ticket_type, payload=payload, nice=nice)
+    fields = {"id": ticket_id, "type": ticket_type, "payload": payload, "nice": nice}
+    renames: dict[str, tuple[int | str, ...]] = {
+        "id": ("path", "ticket_id"),
+        "type": ("path", "ticket_type"),
+        "payload": ("body",),
+        "nice": ("query", "nice"),
+    }
+    ticket = _ticket(fields, (), renames)
     stored = await kharon.put(ticket, delay=_delay(delay))
     response.headers["Location"] = _location(request, stored.id)
     return stored
@@ -249,14 +297,20 @@ async def put_ticket(
     "/ticket/{ticket_id}",
     status_code=204,
     response_class=Response,
+    responses=_error_responses(422, *_SERVER_ERRORS),
     summary="Remove a ticket in any state; 204 also when it does not exist",
 )
-async def delete_ticket(ticket_id: str, kharon: KharonDependency) -> Response:
+async def delete_ticket(ticket_id: TicketId, kharon: KharonDependency) -> Response:
     await kharon.delete(ticket_id)
     return Response(status_code=204)
 
 
-@routes.get("/tickets", response_model=TicketPage, summary="List tickets by id, one page at a time")
+@routes.get(
+    "/tickets",
+    response_model=TicketPage,
+    responses=_error_responses(422, *_SERVER_ERRORS),
+    summary="List tickets by id, one page at a time",
+)
 async def list_tickets(
     kharon: KharonDependency,
     status: TicketStatus | None = None,
@@ -271,15 +325,21 @@ async def list_tickets(
     return TicketPage(items=items, next=next_cursor)
 
 
-@routes.get("/stats", response_model=StatsBody, summary="Count tickets by status and type, and events by kind")
+@routes.get(
+    "/stats",
+    response_model=StatsBody,
+    responses=_error_responses(*_SERVER_ERRORS),
+    summary="Count tickets by status and type, and events by kind",
+)
 async def get_stats(kharon: KharonDependency) -> StatsBody:
     return StatsBody.from_stats(await kharon.stats())
 
 
-@routes.get(
+@public_routes.get(
     "/healthz",
     response_model=Health,
-    responses={503: {"model": ErrorBody}},
+    # The route turns every store error into 503.
+    responses=_error_responses(503),
     summary="Check that the store responds; needs no token",
 )
 async def healthz(kharon: KharonDependency) -> Health | Response:
@@ -304,7 +364,7 @@ def create_app(kharon: Kharon, *, token: str | None = None, max_body_size: int =
     never closes `kharon`, so its owner must.
     """
     if token is not None:
-        _check_token(token)
+        check_token(token)
     if isinstance(max_body_size, bool) or not isinstance(max_body_size, int) or max_body_size < 0:
         raise ValueError(f"max_body_size must be a non-negative number of bytes, got {max_body_size!r}")
 
@@ -315,7 +375,9 @@ def create_app(kharon: Kharon, *, token: str | None = None, max_body_size: int =
     )
     # Same store, settings and clock, so workers on `kharon` see API writes at once.
     app.state.kharon = Kharon(kharon.store, kharon.settings, clock=kharon.clock, actor=HTTP_ACTOR)
-    app.include_router(routes)
+    # 401 is possible, and listed in the OpenAPI schema, only with a token.
+    app.include_router(routes, responses=_error_responses(401) if token is not None else None)
+    app.include_router(public_routes)
     install_error_handlers(app)
 
     # The last one added runs first.
@@ -326,8 +388,8 @@ def create_app(kharon: Kharon, *, token: str | None = None, max_body_size: int =
     return app
 
 
-def _check_token(token: str) -> None:
-    # The message never contains the token.
+def check_token(token: str) -> None:
+    """Raise `ValueError` unless `token` can be an API token; the message never contains it."""
     if not token:
         raise ValueError("the API token must not be empty; pass None to disable authentication")
     if not token.isascii() or not token.isprintable() or any(char.isspace() for char in token):

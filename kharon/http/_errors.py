@@ -7,12 +7,14 @@ The message names the bad value; `detail` carries the same facts as data
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from pydantic import ValidationError
+from pydantic_core import to_jsonable_python
 from starlette.exceptions import HTTPException
 from starlette.responses import JSONResponse, Response
 
@@ -26,7 +28,7 @@ from kharon._errors import (
     VersionConflict,
 )
 
-__all__ = ["HTTPError", "error_response", "install_error_handlers"]
+__all__ = ["HTTPError", "error_response", "install_error_handlers", "relocated", "validation_error"]
 
 # At most this many validation errors are spelled out in the message; all of
 # them are in `detail`.
@@ -49,12 +51,43 @@ def error_response(
     return JSONResponse({"error": message, "detail": detail}, status_code=status_code, headers=headers)
 
 
-def _json_safe(value: Any) -> Any:
-    """Return `value` if it is JSON data, else its repr (a validation input may be anything)."""
+# A value shown in an error message is cut to this many characters of JSON;
+# `detail` carries the whole value.
+_SHOWN_VALUE_LENGTH = 60
+
+# A lone surrogate: valid in a Python string, and in a JSON body as an escape
+# such as "\ud800", but not encodable as UTF-8, so a response cannot carry it.
+_LONE_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def _escape_surrogates(text: str) -> str:
+    return _LONE_SURROGATE.sub(lambda match: f"\\u{ord(match.group()):04x}", text)
+
+
+def _json_text(value: Any) -> str:
+    """Spell `value` as JSON, the way the client sent it; other Python objects become strings."""
     try:
-        json.dumps(value, allow_nan=False)
+        data = to_jsonable_python(value, fallback=str)
     except (TypeError, ValueError):
-        return repr(value)
+        # Such as bytes that are not UTF-8; request values are never bytes.
+        data = repr(value)
+    return _escape_surrogates(json.dumps(data, ensure_ascii=False))
+
+
+def _shown_value(value: Any) -> str:
+    """Spell `value` as JSON for a message, cut after `_SHOWN_VALUE_LENGTH` characters."""
+    text = _json_text(value)
+    if len(text) > _SHOWN_VALUE_LENGTH:
+        return text[:_SHOWN_VALUE_LENGTH] + "…"
+    return text
+
+
+def _detail_value(value: Any) -> Any:
+    """Return `value` if a JSON response can carry it unchanged, else its JSON text."""
+    try:
+        json.dumps(value, ensure_ascii=False, allow_nan=False).encode("utf-8")
+    except (TypeError, ValueError):
+        return _json_text(value)
     return value
 
 
@@ -72,24 +105,67 @@ def _location(loc: Sequence[int | str]) -> str:
     return (prefix + path).lstrip(".") or "body"
 
 
-def _validation_errors(errors: Sequence[Any]) -> tuple[str, list[dict[str, Any]]]:
+def _error_message(error: Mapping[str, Any]) -> str:
+    """Return the message of one pydantic error without pydantic's "Value error, " prefix.
+
+    A validator that raises `ValueError` or `AssertionError` gets that prefix in
+    `msg`; the exception itself is in `ctx["error"]`.
+    """
+    raised = error.get("ctx", {}).get("error")
+    if error.get("type") in ("value_error", "assertion_error") and raised is not None:
+        return str(raised)
+    return str(error.get("msg", ""))
+
+
+def _sentence(error: Mapping[str, Any]) -> str:
+    """Spell one error as "location: message, got value." with the value as JSON."""
+    message = _error_message(error).rstrip(".")
+    sentence = f"{_location(error.get('loc', ()))}: {message}"
+    # For a missing field the input is the enclosing object, not the field.
+    if error.get("type") != "missing":
+        sentence += f", got {_shown_value(error.get('input'))}"
+    return sentence + "."
+
+
+def _validation_errors(errors: Sequence[Mapping[str, Any]]) -> tuple[str, list[dict[str, Any]]]:
     detail = [
         {
             "loc": list(error.get("loc", ())),
-            "msg": error.get("msg", ""),
+            "msg": _escape_surrogates(_error_message(error)),
             "type": error.get("type", ""),
-            "input": _json_safe(error.get("input")),
+            "input": _detail_value(error.get("input")),
         }
         for error in errors
     ]
-    phrases = [
-        f"{_location(item['loc'])}: {item['msg']} (got {item['input']!r})"
-        for item in detail[:_MESSAGE_ERRORS]
-    ]
-    more = len(detail) - _MESSAGE_ERRORS
+    sentences = [_escape_surrogates(_sentence(error)) for error in errors[:_MESSAGE_ERRORS]]
+    more = len(errors) - _MESSAGE_ERRORS
     if more > 0:
-        phrases.append(f"and {more} more")
-    return "invalid request: " + "; ".join(phrases), detail
+        sentences.append(f"And {more} more {'error' if more == 1 else 'errors'}, listed in detail.")
+    return "invalid request: " + " ".join(sentences), detail
+
+
+def validation_error(
+    loc: tuple[int | str, ...], message: str, value: Any, kind: str = "value_error"
+) -> RequestValidationError:
+    """Build the `RequestValidationError` (status 422) of one invalid request value."""
+    return RequestValidationError([{"loc": loc, "msg": message, "type": kind, "input": value}])
+
+
+def relocated(
+    exc: ValidationError, prefix: tuple[int | str, ...], renames: Mapping[str, tuple[int | str, ...]]
+) -> RequestValidationError:
+    """Turn the errors of a model built from request values into a `RequestValidationError`.
+
+    `renames` maps a model field to the location of the request value it came
+    from, and replaces the first part of a matching error location. Every
+    other location gets `prefix` in front.
+    """
+    errors = []
+    for error in exc.errors(include_url=False):
+        loc = tuple(error["loc"])
+        target = renames.get(loc[0]) if loc and isinstance(loc[0], str) else None
+        errors.append({**error, "loc": (*prefix, *loc) if target is None else (*target, *loc[1:])})
+    return RequestValidationError(errors)
 
 
 async def _request_validation(request: Request, exc: Exception) -> Response:
@@ -105,7 +181,9 @@ async def _model_validation(request: Request, exc: Exception) -> Response:
 
 
 async def _value_error(request: Request, exc: Exception) -> Response:
-    return error_response(400, f"invalid request: {exc}")
+    # The routes check their arguments first, so this is only a safety net for
+    # a value that Kharon rejects with ValueError. It is a validation error too.
+    return error_response(422, f"invalid request: {exc}")
 
 
 async def _http_error(request: Request, exc: Exception) -> Response:
@@ -163,7 +241,7 @@ def install_error_handlers(app: FastAPI) -> None:
     """Register the handlers that turn exceptions into JSON error responses.
 
     Starlette picks the handler of the nearest class in the exception's MRO,
-    so `ValidationError` (a `ValueError`) gets 422 and other `ValueError`s 400.
+    so `ValidationError` (a `ValueError`) gets its own handler.
     Exceptions without a handler reach `RequestLogMiddleware`, which logs them
     and sends a 500 response.
     """

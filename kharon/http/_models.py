@@ -2,18 +2,42 @@
 
 from __future__ import annotations
 
-from datetime import datetime
+import unicodedata
 from typing import Annotated, Any, Self
 
-from pydantic import BaseModel, ConfigDict, Field, StrictInt, field_validator, model_validator
+from pydantic import AfterValidator, AwareDatetime, BaseModel, ConfigDict, Field, StrictInt, model_validator
+from pydantic_core import PydanticCustomError
 
-from kharon._ticket import MAX_DELAY, NICE_MAX, NICE_MIN, Ticket, check_identifier
+from kharon._ticket import MAX_DELAY, MAX_ID_LENGTH, NICE_MAX, NICE_MIN, Ticket, check_identifier
 from kharon.stores._protocol import Stats
 
-__all__ = ["ErrorBody", "Health", "NewTicket", "StatsBody", "TicketPage"]
+__all__ = ["ErrorBody", "Health", "Identifier", "NewTicket", "StatsBody", "TicketPage"]
 
 # Seconds, finite, between 0 and the longest delay a ticket accepts.
 DelaySeconds = Annotated[float, Field(ge=0, le=MAX_DELAY.total_seconds(), allow_inf_nan=False)]
+
+
+def _check_characters(value: str) -> str:
+    """Reject the characters `check_identifier` rejects, with a message that does not repeat the value.
+
+    The error formatter adds the value as JSON. Control characters (Unicode
+    category Cc) and lone surrogates (Cs) are the ones `check_identifier` rejects.
+    """
+    for position, character in enumerate(value):
+        if unicodedata.category(character) in ("Cc", "Cs"):
+            raise PydanticCustomError(
+                "control_character",
+                "must not contain control characters, but has U+{code} at position {position}",
+                {"code": f"{ord(character):04X}", "position": position},
+            )
+    # The core check stays the authority, in case its rules grow.
+    check_identifier(value, "the value")
+    return value
+
+
+# A ticket id or type in a request: what `check_identifier` accepts. The length
+# limits are constraints, so they also appear in the OpenAPI schema.
+Identifier = Annotated[str, Field(min_length=1, max_length=MAX_ID_LENGTH), AfterValidator(_check_characters)]
 
 
 class NewTicket(BaseModel):
@@ -25,29 +49,18 @@ class NewTicket(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    id: str | None = Field(default=None, description="Ticket id; a new UUIDv7 when omitted.")
-    type: str
+    id: Identifier | None = Field(default=None, description="Ticket id; a new UUIDv7 when omitted.")
+    type: Identifier
     payload: Any = None
     nice: Annotated[StrictInt, Field(ge=NICE_MIN, le=NICE_MAX)] = 0
-    runat: datetime | None = Field(default=None, description="When the ticket is due, with a UTC offset.")
+    runat: AwareDatetime | None = Field(default=None, description="When the ticket is due, with a UTC offset.")
     delay: DelaySeconds | None = Field(default=None, description="Seconds from now until the ticket is due.")
-
-    @field_validator("id")
-    @classmethod
-    def _check_id(cls, value: str | None) -> str | None:
-        return None if value is None else check_identifier(value, "ticket id")
-
-    @field_validator("type")
-    @classmethod
-    def _check_type(cls, value: str) -> str:
-        return check_identifier(value, "ticket type")
 
     @model_validator(mode="after")
     def _check_one_due_time(self) -> Self:
         if self.runat is not None and self.delay is not None:
-            raise ValueError(
-                f"give runat or delay, not both (got runat {self.runat.isoformat()} and delay {self.delay} s)"
-            )
+            # The error's input is the whole object, so the message need not repeat both values.
+            raise PydanticCustomError("runat_and_delay", "give runat or delay, not both")
         return self
 
 
