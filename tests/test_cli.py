@@ -10,11 +10,13 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+import click
 import pytest
 from click.testing import CliRunner, Result
 
 from kharon import Kharon, Router
 from kharon.cli import cli
+from kharon.cli._main import POSITIVE_SECONDS, SECONDS, CommandError, _settings
 from kharon.cli._runtime import RouterLoadError, is_loopback, load_router
 from kharon.stores import MemoryStore
 
@@ -104,6 +106,8 @@ def test_get_table(db: str) -> None:
 
 
 def test_get_missing_exits_1(db: str) -> None:
+    run("migrate", "--db", db)
+
     result = run("get", "nope", "--db", db)
 
     assert_failed(result, 1, "'nope' not found")
@@ -116,6 +120,87 @@ def test_db_from_environment(db: str) -> None:
     result = run("get", "t1", "--db", db)
 
     assert result.exit_code == 0
+
+
+def test_db_on_group(db: str) -> None:
+    run("put", "email", "--id", "t1", "--db", db)
+
+    history = run("--db", db, "history", "t1")
+    got = run("--db", db, "get", "t1", "--json")
+
+    assert history.exit_code == 0, history.output
+    assert "put" in history.stdout
+    assert got.exit_code == 0, got.output
+    assert json.loads(got.stdout)["id"] == "t1"
+
+
+def test_db_on_subcommand_wins(db: str, tmp_path: Path) -> None:
+    run("put", "email", "--id", "t1", "--db", db)
+    elsewhere = tmp_path / "elsewhere.db"
+
+    result = run("--db", str(elsewhere), "get", "t1", "--db", db)
+
+    assert result.exit_code == 0, result.output
+    assert not elsewhere.exists()
+
+
+def test_db_on_group_wins_over_environment(db: str, tmp_path: Path) -> None:
+    run("put", "email", "--id", "t1", "--db", db)
+    elsewhere = tmp_path / "elsewhere.db"
+
+    result = run("--db", db, "get", "t1", env={"KHARON_DB": str(elsewhere)})
+
+    assert result.exit_code == 0, result.output
+    assert not elsewhere.exists()
+
+
+def test_group_db_in_help() -> None:
+    result = run("--help")
+
+    assert "--db" in result.stdout
+    assert "KHARON_DB" in result.stdout
+
+
+# -- a database file that does not exist -------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "args",
+    [["get", "t1"], ["history", "t1"], ["stats"], ["cancel", "t1"], ["retry", "t1"], ["delete", "t1"]],
+)
+def test_missing_file_exits_4_and_creates_nothing(tmp_path: Path, args: list[str]) -> None:
+    path = tmp_path / "typo.db"
+
+    result = run(*args, "--db", str(path))
+
+    assert_failed(result, 4)
+    assert result.stderr == (
+        f"Error: database file {path} does not exist; "
+        f"create it with `kharon migrate --db {path}` or `kharon serve`\n"
+    )
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_missing_file_hint_quotes_path(tmp_path: Path) -> None:
+    path = tmp_path / "my tickets.db"
+
+    result = run("stats", "--db", str(path))
+
+    assert_failed(result, 4, f"`kharon migrate --db '{path}'`")
+
+
+@pytest.mark.parametrize("args", [["get", "t1"], ["stats"], ["delete", "t1"], ["put", "email"]])
+def test_ticket_commands_reject_memory_db(args: list[str]) -> None:
+    result = run(*args, "--db", ":memory:")
+
+    assert_failed(result, 2, "serve and worker only")
+
+
+def test_put_creates_missing_file(db: str) -> None:
+    result = run("put", "email", "--id", "t1", "--db", db)
+
+    assert result.exit_code == 0, result.output
+    assert Path(db).exists()
 
 
 @pytest.mark.parametrize(
@@ -136,6 +221,7 @@ def test_put_invalid_input_exits_2(db: str, args: list[str], fragment: str) -> N
     result = run("put", "email", *args, "--db", db)
 
     assert_failed(result, 2, fragment)
+    assert "Value error" not in result.stderr
 
 
 # -- history ---------------------------------------------------------------------------
@@ -167,6 +253,8 @@ def test_history_json(db: str) -> None:
 
 
 def test_history_missing_exits_1(db: str) -> None:
+    run("migrate", "--db", db)
+
     assert_failed(run("history", "nope", "--db", db), 1, "'nope' not found")
 
 
@@ -202,6 +290,8 @@ def test_cancel_twice_exits_3(db: str) -> None:
 
 
 def test_cancel_missing_exits_1(db: str) -> None:
+    run("migrate", "--db", db)
+
     assert_failed(run("cancel", "nope", "--db", db), 1, "'nope' not found")
 
 
@@ -224,6 +314,8 @@ def test_retry_cancelled_exits_3(db: str) -> None:
 
 
 def test_retry_missing_exits_1(db: str) -> None:
+    run("migrate", "--db", db)
+
     assert_failed(run("retry", "nope", "--db", db), 1, "'nope' not found")
 
 
@@ -294,6 +386,12 @@ def test_foreign_sqlite_database_exits_4(tmp_path: Path) -> None:
 def test_missing_directory_exits_4(tmp_path: Path) -> None:
     result = run("stats", "--db", str(tmp_path / "no" / "such" / "dir" / "kharon.db"))
 
+    assert_failed(result, 4, "does not exist")
+
+
+def test_put_in_missing_directory_exits_4(tmp_path: Path) -> None:
+    result = run("put", "email", "--db", str(tmp_path / "no" / "such" / "dir" / "kharon.db"))
+
     assert_failed(result, 4)
 
 
@@ -311,12 +409,86 @@ def test_serve_bad_app_exits_2(db: str) -> None:
     result = run("serve", "--app", "no_such_module_here:router", "--db", db)
 
     assert_failed(result, 2, "cannot import module 'no_such_module_here'")
+    assert not Path(db).exists()
+
+
+@pytest.mark.parametrize("command", ["serve", "worker"])
+@pytest.mark.parametrize(
+    ("attribute", "fragment"), [("number", "is an object of type int"), ("missing", "has no attribute 'missing'")]
+)
+def test_bad_app_creates_no_database(
+    app_module: str, db: str, command: str, attribute: str, fragment: str
+) -> None:
+    result = run(command, "--app", f"{app_module}:{attribute}", "--db", db)
+
+    assert_failed(result, 2, fragment)
+    assert not Path(db).exists()
+
+
+def test_serve_bad_token_creates_no_database(db: str) -> None:
+    result = run("serve", "--token", "has space", "--db", db)
+
+    assert_failed(result, 2, "API token")
+    assert "has space" not in result.stderr
+    assert not Path(db).exists()
 
 
 def test_serve_invalid_settings_exits_2(db: str) -> None:
     result = run("serve", "--workers", "0", "--db", db)
 
     assert_failed(result, 2, "--workers")
+
+
+@pytest.mark.parametrize(
+    ("option", "value", "fragment"),
+    [
+        ("--process-time", "0", "it must be more than 0"),
+        ("--process-time", "-3", "it must be more than 0"),
+        ("--process-time", "1e-9", "rounds to 0"),
+        ("--process-time", "nan", "not a finite number"),
+        ("--grace-period", "-1", "it must be 0 or more"),
+        ("--max-backoff-delay", "-1", "it must be 0 or more"),
+        ("--max-backoff-delay", "1e300", "maximum of 3153600000 (36500 days)"),
+    ],
+)
+def test_worker_duration_out_of_range_exits_2(db: str, option: str, value: str, fragment: str) -> None:
+    result = run("worker", option, value, "--db", db)
+
+    assert_failed(result, 2, f"Invalid value for '{option}'", fragment)
+    assert "Value error" not in result.stderr
+    assert not Path(db).exists()
+
+
+def test_worker_help_states_ranges() -> None:
+    help_text = " ".join(run("worker", "--help").stdout.split())
+
+    assert "leased again, more than 0" in help_text
+    assert "shutdown, 0 or more" in help_text
+    assert "in seconds, 0 or more" in help_text
+
+
+@pytest.mark.parametrize(("text", "seconds"), [("0", 0.0), ("0.5", 0.5), ("3153600000", 3153600000.0)])
+def test_seconds_accepts_zero_or_more(text: str, seconds: float) -> None:
+    assert SECONDS.convert(text, None, None) == timedelta(seconds=seconds)
+
+
+def test_positive_seconds_rejects_zero() -> None:
+    assert POSITIVE_SECONDS.convert("0.001", None, None) == timedelta(milliseconds=1)
+    with pytest.raises(click.BadParameter, match="more than 0"):
+        POSITIVE_SECONDS.convert("0", None, None)
+
+
+def test_settings_error_names_option_without_prefix() -> None:
+    with pytest.raises(CommandError) as raised:
+        _settings(None, timedelta(0), None, None, None)
+
+    assert str(raised.value) == "invalid settings: --process-time: must be positive, got 0.0 s"
+
+
+def test_serve_infinite_backoff_base_exits_2(db: str) -> None:
+    result = run("serve", "--backoff-base", "inf", "--db", db)
+
+    assert_failed(result, 2, "invalid settings: --backoff-base: Input should be a finite number")
 
 
 def test_worker_bad_app_exits_2(db: str) -> None:
@@ -386,8 +558,8 @@ def test_load_router_default_is_example() -> None:
 @pytest.mark.parametrize(
     ("attribute", "fragment"),
     [
-        ("not_a_router", "returned int"),
-        ("number", "is a int"),
+        ("not_a_router", "returned an object of type int"),
+        ("number", "is an object of type int"),
         ("missing", "has no attribute 'missing'"),
     ],
 )

@@ -16,15 +16,18 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
+import shlex
 import sqlite3
 import sys
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator, Mapping
 from contextlib import contextmanager
 from datetime import timedelta
 from typing import Any, TypeVar
 
 import click
 import trio
+from click.core import ParameterSource
 from pydantic import ValidationError
 
 from kharon import __version__
@@ -35,15 +38,18 @@ from kharon._ticket import MAX_DELAY, NICE_MAX, NICE_MIN, Ticket
 from kharon.cli._output import print_events, print_json, print_stats, print_ticket, stats_to_json
 from kharon.cli._runtime import (
     MEMORY_DB,
+    AppTarget,
     ForcedStop,
     RouterLoadError,
+    build_router,
+    import_app,
     is_loopback,
-    load_router,
     open_store,
     run_server,
     run_workers_only,
 )
 from kharon.http import DEFAULT_MAX_BODY_SIZE, create_app
+from kharon.http._app import check_token
 from kharon.stores import Store
 from kharon.stores import migrate as migrate_sqlite
 
@@ -70,11 +76,24 @@ class CommandError(click.ClickException):
         self.exit_code = exit_code  # type: ignore[misc]
 
 
-def _one_line(exc: ValidationError) -> str:
+def _error_message(error: Mapping[str, Any]) -> str:
+    """Return a pydantic error's message without the "Value error, " prefix pydantic adds."""
+    raised = error.get("ctx", {}).get("error")
+    if error.get("type") in ("value_error", "assertion_error") and raised is not None:
+        return str(raised)
+    return str(error["msg"])
+
+
+def _one_line(exc: ValidationError, names: Mapping[str, str] | None = None) -> str:
+    """Join the errors of `exc` into one line; `names` maps a field to the option that sets it."""
     parts = []
     for error in exc.errors(include_url=False):
-        location = ".".join(str(part) for part in error["loc"])
-        parts.append(f"{location}: {error['msg']}" if location else error["msg"])
+        loc = [str(part) for part in error["loc"]]
+        if loc and names is not None and loc[0] in names:
+            loc[0] = names[loc[0]]
+        location = ".".join(loc)
+        message = _error_message(error)
+        parts.append(f"{location}: {message}" if location else message)
     return "; ".join(parts)
 
 
@@ -117,9 +136,31 @@ def _open(db: str) -> Store:
             raise CommandError(f"cannot open database {db!r}: {exc}", EXIT_DATABASE) from None
 
 
-def _run(db: str, operation: Callable[[Kharon], Awaitable[T]]) -> T:
-    """Open the store, run `operation` in one `trio.run`, close the store."""
-    store = _open(db)
+def _open_for_command(db: str, *, create: bool) -> Store:
+    """Open the database file of a ticket command; without `create`, the file must exist."""
+    if db == MEMORY_DB:
+        raise CommandError(
+            f"--db {MEMORY_DB} is for serve and worker only, because this command would start "
+            "with no tickets and lose its changes on exit. Pass the database file that serve or worker uses",
+            EXIT_USAGE,
+        )
+    # NOTE: a file removed between this check and the open is created again,
+    # because SQLiteStore creates a missing file.
+    if not create and not os.path.exists(db):
+        raise CommandError(
+            f"database file {db} does not exist; create it with `kharon migrate --db {shlex.quote(db)}` "
+            "or `kharon serve`",
+            EXIT_DATABASE,
+        )
+    return _open(db)
+
+
+def _run(db: str, operation: Callable[[Kharon], Awaitable[T]], *, create: bool = False) -> T:
+    """Open the store, run `operation` in one `trio.run`, close the store.
+
+    Without `create`, a missing database file is an error instead of a new, empty database.
+    """
+    store = _open_for_command(db, create=create)
 
     async def run() -> T:
         async with Kharon(store, actor=CLI_ACTOR) as kharon:
@@ -130,9 +171,16 @@ def _run(db: str, operation: Callable[[Kharon], Awaitable[T]]) -> T:
 
 
 class Seconds(click.ParamType[timedelta]):
-    """A finite, non-negative number of seconds, as a `timedelta`."""
+    """A finite number of seconds, as a `timedelta`: 0 or more, or more than 0 when `positive`.
+
+    The maximum is `MAX_DELAY`, which both tickets and `Settings` accept.
+    """
 
     name = "seconds"
+
+    def __init__(self, *, positive: bool = False) -> None:
+        self.positive = positive
+        self.range = "more than 0" if positive else "0 or more"
 
     def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> timedelta:
         if isinstance(value, timedelta):
@@ -141,11 +189,19 @@ class Seconds(click.ParamType[timedelta]):
             seconds = float(value)
         except ValueError:
             self.fail(f"{value!r} is not a number of seconds", param, ctx)
-        if not math.isfinite(seconds) or seconds < 0:
-            self.fail(f"{value!r} must be a finite number of seconds, 0 or more", param, ctx)
-        if seconds > MAX_DELAY.total_seconds():
-            self.fail(f"{value} s is longer than the maximum of {MAX_DELAY}", param, ctx)
-        return timedelta(seconds=seconds)
+        maximum = MAX_DELAY.total_seconds()
+        if not math.isfinite(seconds):
+            self.fail(f"{value!r} is not a finite number of seconds", param, ctx)
+        if seconds < 0 or (self.positive and seconds == 0):
+            self.fail(f"{value} seconds is out of range: it must be {self.range}", param, ctx)
+        if seconds > maximum:
+            message = f"{value} seconds is longer than the maximum of {maximum:.0f} ({MAX_DELAY.days} days)"
+            self.fail(message, param, ctx)
+        delta = timedelta(seconds=seconds)
+        if self.positive and delta == timedelta(0):
+            message = f"{value} seconds rounds to 0, but it must be more than 0 (the unit is 1 microsecond)"
+            self.fail(message, param, ctx)
+        return delta
 
 
 class JSONValue(click.ParamType[Any]):
@@ -164,21 +220,45 @@ class JSONValue(click.ParamType[Any]):
 
 
 SECONDS = Seconds()
+POSITIVE_SECONDS = Seconds(positive=True)
+
+DEFAULT_DB = "kharon.db"
+
+
+def _choose_db(ctx: click.Context, param: click.Parameter, value: str) -> str:
+    """Pick the database: the subcommand's --db, else the group's --db, else KHARON_DB, else the default."""
+    if ctx.get_parameter_source("db") is ParameterSource.COMMANDLINE:
+        return value
+    group = ctx.parent
+    if group is not None and group.get_parameter_source("db") is ParameterSource.COMMANDLINE:
+        return str(group.params["db"])
+    return value
+
 
 db_option = click.option(
     "--db",
-    default="kharon.db",
+    default=DEFAULT_DB,
     envvar="KHARON_DB",
     show_default=True,
     show_envvar=True,
-    help=f"SQLite database file; {MEMORY_DB} keeps tickets in memory (serve and worker only).",
+    callback=_choose_db,
+    help=f"SQLite database file; {MEMORY_DB} keeps tickets in memory (serve and worker only). "
+    "Overrides `kharon --db`.",
 )
 json_option = click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="kharon")
-def cli() -> None:
+@click.option(
+    "--db",
+    default=DEFAULT_DB,
+    envvar="KHARON_DB",
+    show_default=True,
+    show_envvar=True,
+    help="SQLite database file of every subcommand, unless the subcommand gets its own --db.",
+)
+def cli(db: str) -> None:
     """Durable, delayed tickets: run the workers and HTTP API, or operate on tickets."""
 
 
@@ -190,21 +270,24 @@ def _settings_options(function: Callable[..., Any]) -> Callable[..., Any]:
         click.option("--workers", type=click.IntRange(min=1), help="Handlers that run at once [default: 4]."),
         click.option(
             "--process-time",
-            type=SECONDS,
-            help="Seconds a handler may run before its ticket is leased again [default: 30].",
+            type=POSITIVE_SECONDS,
+            help="Seconds a handler may run before its ticket is leased again, more than 0 [default: 30].",
         ),
         click.option(
-            "--backoff-base", type=click.FloatRange(min=1.0), help="Base of the retry backoff [default: 1.5]."
+            "--backoff-base",
+            type=click.FloatRange(min=1.0),
+            help="Base of the retry backoff, a finite number of 1 or more [default: 1.5].",
         ),
         click.option(
             "--max-backoff-delay",
             type=SECONDS,
-            help="Longest retry backoff, in seconds; the example router's backoff tickets use it too [default: 15].",
+            help="Maximum retry backoff, in seconds, 0 or more. "
+            "The example router's backoff tickets use it too [default: 15].",
         ),
         click.option(
             "--grace-period",
             type=SECONDS,
-            help="Seconds running handlers and open requests get to finish on shutdown [default: 10].",
+            help="Seconds running handlers and open requests get to finish on shutdown, 0 or more [default: 10].",
         ),
         click.option(
             "--log-level",
@@ -243,7 +326,17 @@ def _settings(
     try:
         return Settings(**{name: value for name, value in values.items() if value is not None})
     except ValidationError as exc:
-        raise CommandError(f"invalid settings: {_one_line(exc)}", EXIT_USAGE) from None
+        raise CommandError(f"invalid settings: {_one_line(exc, _SETTING_OPTIONS)}", EXIT_USAGE) from None
+
+
+# The option that sets each setting, to name it in error messages.
+_SETTING_OPTIONS = {
+    "workers": "--workers",
+    "process_time": "--process-time",
+    "backoff_base": "--backoff-base",
+    "max_backoff_delay": "--max-backoff-delay",
+    "shutdown_grace_period": "--grace-period",
+}
 
 
 def _configure_logging(level_name: str) -> None:
@@ -258,11 +351,21 @@ def _configure_logging(level_name: str) -> None:
     logging.getLogger("hypercorn.error").setLevel(max(level, logging.WARNING))
 
 
-def _prepare(db: str, app_spec: str | None, settings: Settings) -> tuple[Kharon, Any]:
+def _import_app(app_spec: str | None) -> AppTarget:
+    """Import `--app` before the store is opened, so a bad --app leaves no new database file."""
+    try:
+        return import_app(app_spec)
+    except RouterLoadError as exc:
+        raise CommandError(str(exc), EXIT_USAGE) from None
+
+
+def _prepare(db: str, app_spec: str | None, target: AppTarget, settings: Settings) -> tuple[Kharon, Any]:
     store = _open(db)
     kharon = Kharon(store, settings)
     try:
-        router = load_router(app_spec, kharon)
+        # NOTE: a factory runs only now, because it takes the Kharon instance,
+        # so a factory that raises has already created a missing database file.
+        router = build_router(target, app_spec, kharon)
     except RouterLoadError as exc:
         trio.run(kharon.close)
         raise CommandError(str(exc), EXIT_USAGE) from None
@@ -329,9 +432,15 @@ def serve(
             "Pass --token (or set KHARON_API_TOKEN), or listen on 127.0.0.1",
             EXIT_USAGE,
         )
+    if token is not None:
+        try:
+            check_token(token)
+        except ValueError as exc:
+            raise CommandError(str(exc), EXIT_USAGE) from None
     settings = _settings(workers, process_time, backoff_base, max_backoff_delay, grace_period)
+    target = _import_app(app_spec)
     _configure_logging(log_level)
-    kharon, router = _prepare(db, app_spec, settings)
+    kharon, router = _prepare(db, app_spec, target, settings)
     try:
         app = create_app(kharon, token=token, max_body_size=max_body_size)
     except ValueError as exc:
@@ -365,8 +474,9 @@ def worker(
 ) -> None:
     """Run the workers only, until SIGINT or SIGTERM."""
     settings = _settings(workers, process_time, backoff_base, max_backoff_delay, grace_period)
+    target = _import_app(app_spec)
     _configure_logging(log_level)
-    kharon, router = _prepare(db, app_spec, settings)
+    kharon, router = _prepare(db, app_spec, target, settings)
 
     def announce() -> None:
         click.echo(
@@ -385,7 +495,7 @@ def worker(
 @click.option("--id", "ticket_id", help="Ticket id; a new UUIDv7 when omitted. An existing ticket starts over.")
 @click.option("--payload", type=JSONValue(), help='Payload as JSON, for example \'{"user": 7}\' [default: null].')
 @click.option("--nice", type=click.IntRange(NICE_MIN, NICE_MAX), default=0, show_default=True, help="Lower runs first.")
-@click.option("--delay", type=SECONDS, help="Seconds until the ticket is due [default: due at once].")
+@click.option("--delay", type=SECONDS, help="Seconds until the ticket is due, 0 or more [default: due at once].")
 @db_option
 @json_option
 def put(
@@ -403,7 +513,7 @@ def put(
         fields["id"] = ticket_id
     with _errors_as_exit_codes():
         ticket = Ticket(**fields)
-    stored = _run(db, lambda kharon: kharon.put(ticket, delay=delay))
+    stored = _run(db, lambda kharon: kharon.put(ticket, delay=delay), create=True)
     _show_ticket(stored, as_json)
 
 
@@ -450,7 +560,9 @@ def cancel(ticket_id: str, keep: bool, reason: str, db: str, as_json: bool) -> N
 
 @cli.command()
 @click.argument("ticket_id", metavar="ID")
-@click.option("--delay", type=SECONDS, default="0", show_default=True, help="Seconds until the ticket is due again.")
+@click.option(
+    "--delay", type=SECONDS, default="0", show_default=True, help="Seconds until the ticket is due again, 0 or more."
+)
 @db_option
 @json_option
 def retry(ticket_id: str, delay: timedelta, db: str, as_json: bool) -> None:

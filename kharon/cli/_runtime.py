@@ -32,8 +32,11 @@ from kharon.stores._protocol import Store
 
 __all__ = [
     "MEMORY_DB",
+    "AppTarget",
     "ForcedStop",
     "RouterLoadError",
+    "build_router",
+    "import_app",
     "is_loopback",
     "load_router",
     "open_store",
@@ -66,15 +69,19 @@ def open_store(db: str) -> Store:
     return SQLiteStore(db)
 
 
-def load_router(spec: str | None, kharon: Kharon) -> Router:
-    """Import the router named by `spec` ("module:attribute"); None is the example router.
+# The target of `--app`: a router, or a factory that builds one from the Kharon instance.
+AppTarget = Router | Callable[[Kharon], object]
 
-    The attribute is either a `Router` or a callable that takes the `Kharon`
-    instance and returns a `Router`. The current directory is importable, as
-    it is for `python -m`.
+
+def import_app(spec: str | None) -> AppTarget:
+    """Import what `spec` ("module:attribute") names and check that it is a Router or a callable.
+
+    None is the example router's factory. The current directory is importable,
+    as it is for `python -m`. Nothing here needs the store, so `serve` and
+    `worker` call this before they open the database.
     """
     if spec is None:
-        return create_router(kharon)
+        return create_router
     module_name, _, attribute = spec.partition(":")
     if not module_name or not attribute:
         raise RouterLoadError(f"--app must look like module:attribute (for example myapp.tasks:router), got {spec!r}")
@@ -92,20 +99,36 @@ def load_router(spec: str | None, kharon: Kharon) -> Router:
             message = f"module {module_name!r} has no attribute {attribute!r} (from --app {spec!r})"
             raise RouterLoadError(message) from None
 
-    if isinstance(target, Router):
+    if isinstance(target, Router) or callable(target):
         return target
-    if callable(target):
-        try:
-            router = target(kharon)
-        except Exception as exc:
-            raise RouterLoadError(f"--app {spec!r} raised {type(exc).__name__}: {exc}") from exc
-        if isinstance(router, Router):
-            return router
-        raise RouterLoadError(f"--app {spec!r} returned {type(router).__name__}, expected a kharon.Router")
     raise RouterLoadError(
-        f"--app {spec!r} is a {type(target).__name__}; expected a kharon.Router "
+        f"--app {spec!r} is an object of type {type(target).__name__}; expected a kharon.Router "
         "or a callable that takes the Kharon instance and returns one"
     )
+
+
+def build_router(target: AppTarget, spec: str | None, kharon: Kharon) -> Router:
+    """Return the router `import_app` found, calling it with `kharon` if it is a factory."""
+    if isinstance(target, Router):
+        return target
+    try:
+        router = target(kharon)
+    except Exception as exc:
+        raise RouterLoadError(f"--app {spec!r} raised {type(exc).__name__}: {exc}") from exc
+    if isinstance(router, Router):
+        return router
+    raise RouterLoadError(
+        f"--app {spec!r} returned an object of type {type(router).__name__}; expected a kharon.Router"
+    )
+
+
+def load_router(spec: str | None, kharon: Kharon) -> Router:
+    """Import the router named by `spec` ("module:attribute"); None is the example router.
+
+    The attribute is either a `Router` or a callable that takes the `Kharon`
+    instance and returns a `Router`.
+    """
+    return build_router(import_app(spec), spec, kharon)
 
 
 def is_loopback(host: str) -> bool:
