@@ -16,7 +16,7 @@ import functools
 import math
 import os
 import random
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +26,7 @@ import trio.testing
 
 from kharon import Kharon, Settings, TrioClock
 from kharon.stores import MemoryStore, Store
+from kharon.stores import _sqlite as sqlite_module
 
 POSTGRES_DSN_VARIABLE = "KHARON_TEST_POSTGRES_DSN"
 
@@ -90,32 +91,38 @@ async def store(store_factory: StoreFactory) -> AsyncIterator[Store]:
 
 @pytest.fixture
 def autojump_clock(monkeypatch: pytest.MonkeyPatch) -> trio.testing.MockClock:
-    """Return a MockClock that autojumps only while no `trio.to_thread` call is running.
+    """Return a MockClock that autojumps only while no task waits for a thread.
 
     This replaces pytest-trio's fixture of the same name. Its plain autojump
     clock jumps as soon as every task is blocked, and a task waiting for a
-    worker thread counts as blocked. The SQLite store runs every query in a
-    thread, so the clock would jump to the next deadline (a lease expiry, a
-    `fail_after`) while a query runs. Here a running thread call turns
-    autojump off until the last one returns.
+    thread counts as blocked. The SQLite store runs every query in a thread:
+    reads through `trio.to_thread.run_sync`, writes and probes in its writer
+    thread. So the clock would jump to the next deadline (a lease expiry, a
+    `fail_after`) while a query runs. Here each of those waits turns autojump
+    off until the last one returns.
     """
     clock = trio.testing.MockClock(autojump_threshold=0)
-    original = trio.to_thread.run_sync
     threads_running = 0
 
-    @functools.wraps(original)
-    async def run_sync_pausing_autojump(*args: Any, **kwargs: Any) -> Any:
-        nonlocal threads_running
-        threads_running += 1
-        clock.autojump_threshold = math.inf
-        try:
-            return await original(*args, **kwargs)
-        finally:
-            threads_running -= 1
-            if threads_running == 0:
-                clock.autojump_threshold = 0
+    def pausing_autojump(original: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]:
+        @functools.wraps(original)
+        async def wait_pausing_autojump(*args: Any, **kwargs: Any) -> Any:
+            nonlocal threads_running
+            threads_running += 1
+            clock.autojump_threshold = math.inf
+            try:
+                return await original(*args, **kwargs)
+            finally:
+                threads_running -= 1
+                if threads_running == 0:
+                    clock.autojump_threshold = 0
 
-    monkeypatch.setattr(trio.to_thread, "run_sync", run_sync_pausing_autojump)
+        return wait_pausing_autojump
+
+    monkeypatch.setattr(trio.to_thread, "run_sync", pausing_autojump(trio.to_thread.run_sync))
+    monkeypatch.setattr(
+        sqlite_module, "_wait_for_writer_thread", pausing_autojump(sqlite_module._wait_for_writer_thread)
+    )
     return clock
 
 

@@ -8,6 +8,7 @@ several processes on one file.
 
 from __future__ import annotations
 
+import gc
 import json
 import logging
 import sqlite3
@@ -468,6 +469,36 @@ async def test_close_wakes_waiters(tmp_path: Path) -> None:
         nursery.start_soon(store.wait_for_change)
         await trio.testing.wait_all_tasks_blocked()
         await store.close()
+
+
+def writer_threads(path: Path) -> list[threading.Thread]:
+    return [thread for thread in threading.enumerate() if thread.name == f"kharon sqlite writer {path}"]
+
+
+def test_close_ends_writer_thread(tmp_path: Path) -> None:
+    path = tmp_path / "kharon.db"
+    store = SQLiteStore(path)
+    trio.run(store.put, [put_command()])
+    (thread,) = writer_threads(path)
+
+    trio.run(store.close)
+    thread.join(timeout=10)
+
+    assert thread.daemon
+    assert not thread.is_alive()
+
+
+def test_collected_store_ends_writer_thread(tmp_path: Path) -> None:
+    path = tmp_path / "kharon.db"
+    store = SQLiteStore(path)
+    trio.run(store.put, [put_command()])
+    (thread,) = writer_threads(path)
+
+    del store
+    gc.collect()
+    thread.join(timeout=10)
+
+    assert not thread.is_alive()
 
 
 # -- wait_for_change -------------------------------------------------------------------

@@ -1,13 +1,16 @@
 """`SQLiteStore`: the embedded default store, one file shared by local processes.
 
-Writes. One writer connection runs every write of this process. Callers queue
-jobs, each a function of a `Transaction`. A writer task takes everything
-queued and runs it as one batch: one `BEGIN IMMEDIATE` transaction on one hop
-to a worker thread, with each job inside its own SAVEPOINT. A job that raises
-rolls back to its savepoint only, so its caller gets the exception while the
-other jobs commit (group commit). The writer task is a Trio system task
-started lazily in each `trio.run`, so one store serves several successive
-runs, one at a time.
+Writes. One writer connection runs every write of this process, in one
+long-lived writer thread per store (`kharon.stores._sqlite_writer`). Callers
+queue jobs, each a function of a `Transaction`, and sleep. The thread takes
+everything queued and runs it as one batch: one `BEGIN IMMEDIATE`
+transaction, with each job inside its own SAVEPOINT. A job that raises rolls
+back to its savepoint only, so its caller gets the exception while the other
+jobs commit (group commit). The thread hands each batch back to the Trio run
+that queued it with `TrioToken.run_sync_soon`, so one store serves several
+successive runs, one at a time. While tasks wait in `wait_for_change`, a Trio
+system task queues probes, on which the thread checks `PRAGMA data_version`
+for commits by other processes.
 
 Reads run on a small pool of separate read connections, one thread hop each.
 In WAL mode a reader sees the last commit and neither waits for the writer
@@ -38,11 +41,10 @@ import logging
 import math
 import os
 import sqlite3
-import time
+import weakref
 from collections.abc import Callable, Sequence
-from functools import partial
 from types import TracebackType
-from typing import Any, Final, Generic, Self, TypeVar
+from typing import Any, Final, Self, TypeVar
 
 import trio
 
@@ -68,6 +70,7 @@ from kharon.stores._sqlite_queries import (
     select_tickets,
 )
 from kharon.stores._sqlite_schema import DEFAULT_BUSY_TIMEOUT, connect, migrate, open_database
+from kharon.stores._sqlite_writer import PROBE, WriteJob, WriterThread
 
 __all__ = ["SQLiteStore", "migrate"]
 
@@ -77,52 +80,24 @@ T = TypeVar("T")
 
 # How often a process waiting in `wait_for_change` checks `PRAGMA data_version`
 # for commits by other processes, in seconds. It bounds how late a worker
-# notices a ticket put by another process, plus one thread hop. Each check is
-# one thread hop, so an idle process with a waiting worker makes 20 a second.
+# notices a ticket put by another process, plus one hand-off to the writer
+# thread. An idle process with a waiting worker makes 20 checks a second.
 _DATA_VERSION_POLL_INTERVAL: Final = 0.05
-
-# Retries of a batch that still gets SQLITE_BUSY after `busy_timeout`, and the
-# backoff between them in seconds: 0.05, 0.1, 0.2, ... capped at 1 s.
-_BUSY_RETRIES: Final = 8
-_BUSY_BACKOFF_FIRST: Final = 0.05
-_BUSY_BACKOFF_MAX: Final = 1.0
 
 # Read connections open at once. Reads are short and build their results in
 # Python under the GIL, so more connections would mostly add waiting threads.
 _READ_CONNECTIONS: Final = 4
 
-_SAVEPOINT: Final = "SAVEPOINT kharon_job"
-_ROLLBACK_TO_SAVEPOINT: Final = "ROLLBACK TO kharon_job"
-_RELEASE_SAVEPOINT: Final = "RELEASE kharon_job"
 
+async def _wait_for_writer_thread() -> None:
+    """Sleep until the writer thread hands the caller's job back.
 
-class _Busy(Exception):
-    """SQLITE_BUSY or SQLITE_LOCKED escaped the busy timeout; retry the whole batch."""
-
-
-def _is_busy(exc: BaseException) -> bool:
-    if not isinstance(exc, sqlite3.OperationalError):
-        return False
-    code = getattr(exc, "sqlite_errorcode", None)
-    if code is not None:
-        # Extended codes (SQLITE_BUSY_SNAPSHOT, ...) keep the primary code in the low byte.
-        return code & 0xFF in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED)
-    return "locked" in str(exc) or "busy" in str(exc)
-
-
-class _Job(Generic[T]):
-    """One caller's write: the operation, and its outcome once the batch is over."""
-
-    __slots__ = ("caller", "changed", "error", "operation", "result", "wakes")
-
-    def __init__(self, operation: Callable[[SQLiteTransaction], T], wakes: bool, caller: trio.lowlevel.Task) -> None:
-        self.operation = operation
-        self.wakes = wakes
-        # The task waiting for the outcome; the writer reschedules it when the batch ends.
-        self.caller = caller
-        self.result: T | None = None
-        self.error: BaseException | None = None
-        self.changed = False
+    Cancellation cannot end the sleep: a queued write cannot be taken back, so
+    its caller waits for the outcome and Trio delivers the cancellation at the
+    caller's next checkpoint. tests/conftest.py wraps this function to pause
+    the mock clock's autojump while a caller waits for the thread.
+    """
+    await trio.lowlevel.wait_task_rescheduled(_cannot_abort)
 
 
 class _RunState:
@@ -130,13 +105,12 @@ class _RunState:
 
     def __init__(self, token: trio.lowlevel.TrioToken) -> None:
         self.token = token
-        # Set when a job is queued, a task starts waiting for changes, or the store closes.
-        self.work = trio.Event()
         self.changed = trio.Event()
         self.watchers = 0
+        # Set when a task starts waiting for changes or the store closes.
+        self.watching = trio.Event()
         self.next_probe_at = -math.inf
-        self.writer_running = False
-        self.writer_stopped = trio.Event()
+        self.prober_running = False
         self.read_limiter = trio.CapacityLimiter(_READ_CONNECTIONS)
         self.reads_in_flight = 0
         self.reads_finished = trio.Event()
@@ -158,22 +132,25 @@ class SQLiteStore:
             raise ValueError(f"busy_timeout must be a finite, non-negative number of seconds, got {busy_timeout!r}")
         self.path = os.fspath(path)
         self.busy_timeout = float(busy_timeout)
-        self._writer = self._connect()
+        writer = self._connect()
         try:
-            self.schema_version = open_database(self._writer, self.path)
+            self.schema_version = open_database(writer, self.path)
+            self._writer_thread = WriterThread(writer, self.path, self.busy_timeout)
         except BaseException:
-            self._writer.close()
+            writer.close()
             raise
-        self._transaction = SQLiteTransaction(self._writer)
-        self._data_version = self._read_data_version()
+        # A store dropped without close() stops its thread, which closes the connection.
+        weakref.finalize(self, self._writer_thread.stop)
         self._readers: list[sqlite3.Connection] = []
-        self._pending: list[_Job[Any]] = []
         self._run: _RunState | None = None
         self._closed = False
         # Times waiters were woken; see `change_token`.
         self._change_count = 0
-        # Write transactions committed by this store; tests use it to see batching.
-        self.committed_batches = 0
+
+    @property
+    def committed_batches(self) -> int:
+        """Write transactions committed by this store; tests use it to see batching."""
+        return self._writer_thread.committed_batches
 
     def _connect(self) -> sqlite3.Connection:
         try:
@@ -210,192 +187,62 @@ class SQLiteStore:
         return await self._write(lambda tx: _engine.expire(tx, command), wakes=False)
 
     async def _write(self, operation: Callable[[SQLiteTransaction], T], *, wakes: bool) -> T:
-        """Queue `operation` for the next batch and return its result.
+        """Queue `operation` for the writer thread's next batch and return its result.
 
         Once queued, the caller waits in a sleep that cancellation cannot end.
         So a write it started is either committed and reported, or failed and
         raised, and a cancellation arrives at the caller's next checkpoint.
-        This works like a shielded wait on a `trio.Event`, without the cancel
-        scope and the event per call.
         """
         await trio.lowlevel.checkpoint_if_cancelled()
         self._check_open()
         run = self._run_state()
-        job: _Job[T] = _Job(operation, wakes, trio.lowlevel.current_task())
-        self._pending.append(job)
-        self._start_writer(run)
-        run.work.set()
-        await trio.lowlevel.wait_task_rescheduled(_cannot_abort)
+        job: WriteJob[T] = WriteJob(operation, wakes, trio.lowlevel.current_task(), run.token, self._batch_finished)
+        self._writer_thread.submit(job)
+        await _wait_for_writer_thread()
         error = job.error
         if error is not None:
             job.error = None
             raise error
         return job.result  # type: ignore[return-value]
 
-    def _start_writer(self, run: _RunState) -> None:
-        if not run.writer_running:
-            run.writer_running = True
-            trio.lowlevel.spawn_system_task(self._write_forever, run, name=f"kharon sqlite writer {self.path}")
-
-    async def _write_forever(self, run: _RunState) -> None:
-        """Run queued jobs in batches until the store closes or the Trio run ends.
-
-        This is a system task: an exception escaping it would crash the run, so
-        every failure is delivered to the jobs instead.
-        """
-        try:
-            while True:
-                if not self._pending:
-                    if self._closed:
-                        return
-                    run.work = trio.Event()
-                    await self._wait_idle(run)
-                    continue
-
-                jobs = self._pending
-                self._pending = []
-                with trio.CancelScope(shield=True):
-                    foreign_change = await trio.to_thread.run_sync(self._run_batch, jobs)
-                for job in jobs:
-                    trio.lowlevel.reschedule(job.caller)
-
-                run.next_probe_at = trio.current_time() + _DATA_VERSION_POLL_INTERVAL
-                if foreign_change or any(job.wakes and job.changed for job in jobs):
-                    self._wake(run)
-        finally:
-            run.writer_running = False
-            run.writer_stopped.set()
-
-    async def _wait_idle(self, run: _RunState) -> None:
-        """Wait for work; while tasks wait for changes, check for other processes' commits."""
-        if run.watchers == 0:
-            await run.work.wait()
-            return
-        with trio.move_on_at(run.next_probe_at):
-            await run.work.wait()
-            return
+    def _batch_finished(self, jobs: list[WriteJob[Any]], foreign_change: bool) -> None:
+        """Wake the callers of a finished batch; runs in the Trio thread, called by the writer thread."""
+        for job in jobs:
+            trio.lowlevel.reschedule(job.caller)
+        run = self._run_state()
         run.next_probe_at = trio.current_time() + _DATA_VERSION_POLL_INTERVAL
-        try:
-            changed = await trio.to_thread.run_sync(self._probe_data_version)
-        except sqlite3.Error as exc:
-            logger.warning("checking %s for commits by other processes failed: %s", self.path, exc)
-            changed = True
-        if changed:
+        if foreign_change or any(job.wakes and job.changed for job in jobs):
             self._wake(run)
 
-    def _run_batch(self, jobs: list[_Job[Any]]) -> bool:
-        """Commit `jobs` in one transaction, retrying on SQLITE_BUSY; runs in a worker thread.
+    def _start_prober(self, run: _RunState) -> None:
+        if not run.prober_running:
+            run.prober_running = True
+            trio.lowlevel.spawn_system_task(self._probe_forever, run, name=f"kharon sqlite prober {self.path}")
 
-        Return True when another connection committed since the last check.
+    async def _probe_forever(self, run: _RunState) -> None:
+        """While tasks wait for changes, have the writer thread check for other processes' commits.
+
+        Every batch also checks, so a probe is due only `_DATA_VERSION_POLL_INTERVAL`
+        after the last batch or probe. This is a system task: it ends when the
+        store closes, or is cancelled when the Trio run ends.
         """
-        for attempt in range(_BUSY_RETRIES + 1):
-            try:
-                self._commit_batch(jobs)
-            except _Busy as exc:
-                if attempt == _BUSY_RETRIES:
-                    _fail_all(jobs, partial(self._busy_error, exc.__cause__))
-                    break
-                delay = min(_BUSY_BACKOFF_FIRST * 2**attempt, _BUSY_BACKOFF_MAX)
-                logger.warning(
-                    "%s is locked by another process: retrying a batch of %d writes in %.2f s (retry %d of %d)",
-                    self.path,
-                    len(jobs),
-                    delay,
-                    attempt + 1,
-                    _BUSY_RETRIES,
+        try:
+            while not self._closed:
+                if run.watchers == 0:
+                    run.watching = trio.Event()
+                    await run.watching.wait()
+                    continue
+                if trio.current_time() < run.next_probe_at:
+                    await trio.sleep_until(run.next_probe_at)
+                    continue
+                run.next_probe_at = trio.current_time() + _DATA_VERSION_POLL_INTERVAL
+                job: WriteJob[None] = WriteJob(
+                    PROBE, False, trio.lowlevel.current_task(), run.token, self._batch_finished
                 )
-                time.sleep(delay)
-            except sqlite3.Error as exc:
-                _fail_all(jobs, partial(self._batch_error, exc))
-                break
-            except Exception as exc:
-                # A bug in the store itself. The writer is a system task and must
-                # not raise, so every caller in the batch gets the error instead.
-                logger.error("batch of %d writes to %s failed: %r", len(jobs), self.path, exc, exc_info=exc)
-                _fail_all(jobs, partial(self._batch_error, exc))
-                break
-            else:
-                self.committed_batches += 1
-                break
-        try:
-            return self._probe_data_version()
-        except sqlite3.Error:
-            return True
-
-    def _commit_batch(self, jobs: list[_Job[Any]]) -> None:
-        connection = self._writer
-        transaction = self._transaction
-        try:
-            connection.execute("BEGIN IMMEDIATE")
-        except sqlite3.OperationalError as exc:
-            if _is_busy(exc):
-                raise _Busy from exc
-            raise
-        try:
-            for job in jobs:
-                job.result = None
-                job.error = None
-                appended_before = transaction.appended
-                transaction.start_job()
-                connection.execute(_SAVEPOINT)
-                try:
-                    job.result = job.operation(transaction)
-                except Exception as exc:
-                    if _is_busy(exc):
-                        raise _Busy from exc
-                    connection.execute(_ROLLBACK_TO_SAVEPOINT)
-                    connection.execute(_RELEASE_SAVEPOINT)
-                    job.error = self._job_error(exc)
-                    job.changed = False
-                else:
-                    connection.execute(_RELEASE_SAVEPOINT)
-                    job.changed = transaction.appended > appended_before
-            try:
-                connection.execute("COMMIT")
-            except sqlite3.OperationalError as exc:
-                if _is_busy(exc):
-                    raise _Busy from exc
-                raise
-        except BaseException:
-            if connection.in_transaction:
-                connection.execute("ROLLBACK")
-            raise
-
-    def _job_error(self, exc: Exception) -> BaseException:
-        if isinstance(exc, sqlite3.Error):
-            error = KharonError(f"SQLite write to {self.path} failed, this write was rolled back: {exc}")
-            error.__cause__ = exc
-            return error
-        return exc
-
-    def _batch_error(self, exc: Exception) -> KharonError:
-        error = KharonError(f"SQLite write to {self.path} failed, nothing was written: {exc}")
-        error.__cause__ = exc
-        return error
-
-    def _busy_error(self, cause: BaseException | None) -> KharonError:
-        error = KharonError(
-            f"{self.path} stayed locked by another process through {_BUSY_RETRIES + 1} tries of "
-            f"{self.busy_timeout} s each; nothing was written. Check for a process holding a long "
-            "write transaction on this file"
-        )
-        error.__cause__ = cause
-        return error
-
-    def _read_data_version(self) -> int:
-        return int(self._writer.execute("PRAGMA data_version").fetchone()[0])
-
-    def _probe_data_version(self) -> bool:
-        """Return True when another connection committed since the last probe.
-
-        SQLite changes a connection's data_version only for commits made by
-        other connections (https://www.sqlite.org/pragma.html#pragma_data_version),
-        so a change here means another process, or another store, wrote.
-        """
-        version = self._read_data_version()
-        changed = version != self._data_version
-        self._data_version = version
-        return changed
+                self._writer_thread.submit(job)
+                await _wait_for_writer_thread()
+        finally:
+            run.prober_running = False
 
     def _wake(self, run: _RunState) -> None:
         self._change_count += 1
@@ -469,13 +316,13 @@ class SQLiteStore:
             await trio.lowlevel.checkpoint()
             return
         run = self._run_state()
-        self._start_writer(run)
+        self._start_prober(run)
         changed = run.changed
         run.watchers += 1
         if run.watchers == 1:
             run.next_probe_at = trio.current_time() + _DATA_VERSION_POLL_INTERVAL
-        # Wake an idle writer, so it starts checking for other processes' commits.
-        run.work.set()
+        # Wake an idle prober, so it starts checking for other processes' commits.
+        run.watching.set()
         try:
             await changed.wait()
         finally:
@@ -506,11 +353,20 @@ class SQLiteStore:
         self._closed = True
         run = self._run_state()
         with trio.CancelScope(shield=True):
-            if run.writer_running:
-                run.work.set()
-                await run.writer_stopped.wait()
-            # Waiters return and see the closed store on their next call.
+            writer_thread = self._writer_thread
+            if writer_thread.started:
+                # Runs after every write queued before it, then closes the writer
+                # connection in the writer thread and ends that thread.
+                job: WriteJob[None] = WriteJob(
+                    PROBE, False, trio.lowlevel.current_task(), run.token, self._batch_finished
+                )
+                writer_thread.submit(job, last=True)
+                await _wait_for_writer_thread()
+            else:
+                writer_thread.stop()
+            # Waiters return and see the closed store on their next call; the prober ends.
             self._wake(run)
+            run.watching.set()
             while run.reads_in_flight:
                 await run.reads_finished.wait()
             await trio.to_thread.run_sync(self._close_connections)
@@ -519,7 +375,7 @@ class SQLiteStore:
         for connection in self._readers:
             connection.close()
         self._readers.clear()
-        self._writer.close()
+        self._writer_thread.close_unstarted()
 
     async def __aenter__(self) -> Self:
         return self
@@ -542,10 +398,3 @@ def _cannot_abort(_: Any) -> trio.lowlevel.Abort:
     # Trio then delivers the cancellation at the caller's next checkpoint.
     return trio.lowlevel.Abort.FAILED
 
-
-def _fail_all(jobs: list[_Job[Any]], make_error: Callable[[], BaseException]) -> None:
-    # One exception object per job: each caller raises its own, in its own task.
-    for job in jobs:
-        job.result = None
-        job.changed = False
-        job.error = make_error()

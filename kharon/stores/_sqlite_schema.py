@@ -115,8 +115,10 @@ def _strip_comments(sql: str) -> str:
 def connect(path: str | os.PathLike[str], *, busy_timeout: float) -> sqlite3.Connection:
     """Open a connection in autocommit mode; the store issues BEGIN and COMMIT itself.
 
-    `check_same_thread` is off because the store hands each connection to
-    Trio's worker threads, one thread at a time.
+    `check_same_thread` is off because the store uses each connection from
+    more than one thread, one thread at a time. Read connections move between
+    Trio's worker threads. The writer connection runs the migrations in the
+    constructor's thread and is then used only by the store's writer thread.
     """
     connection = sqlite3.connect(
         os.fspath(path),
