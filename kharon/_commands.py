@@ -102,7 +102,9 @@ class LeaseCommand:
 class LeaseResult:
     tickets: list[Ticket]
     # Earliest runat of the pending and running tickets left, None when there
-    # are none. The poller sleeps until then (within its poll intervals).
+    # are none. The poller sleeps until then (within its poll intervals). It is
+    # computed only when the poll leased fewer than `limit` tickets, and is
+    # None after a full poll, because the poller then polls again at once.
     next_due_at: datetime | None
     # Tickets failed because they reached max_attempts during this poll.
     exhausted: list[Ticket] = field(default_factory=list)

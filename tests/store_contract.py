@@ -295,6 +295,15 @@ class StoreContract:
 
         assert [ticket.id for ticket in result.tickets] == ["t-1"]
 
+    async def test_full_lease_skips_next_due(self, kharon: Kharon, autojump_clock: trio.testing.MockClock) -> None:
+        await kharon.put(new_ticket())
+        await kharon.put(new_ticket("t-2"), delay=timedelta(seconds=10))
+
+        result = await lease(kharon, limit=1)
+
+        assert [ticket.id for ticket in result.tickets] == ["t-1"]
+        assert result.next_due_at is None
+
     async def test_lease_empty_store(self, kharon: Kharon, autojump_clock: trio.testing.MockClock) -> None:
         result = await lease(kharon)
 

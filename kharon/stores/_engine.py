@@ -80,7 +80,10 @@ def lease(tx: Transaction, command: LeaseCommand) -> LeaseResult:
         # exhausted ones are failed, so a repeated query only finds new ones.
         if len(candidates) < wanted:
             break
-    return LeaseResult(tickets=leased, next_due_at=tx.next_due_at(), exhausted=exhausted)
+
+    # A full poll is followed by another at once, so its next_due_at would go unused.
+    next_due_at = tx.next_due_at() if len(leased) < command.limit else None
+    return LeaseResult(tickets=leased, next_due_at=next_due_at, exhausted=exhausted)
 
 
 def _fail_exhausted(tx: Transaction, current: Ticket, command: LeaseCommand) -> Ticket:
