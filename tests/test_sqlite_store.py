@@ -396,6 +396,30 @@ async def test_duplicate_event_version_is_version_conflict(tmp_path: Path) -> No
         assert unchanged == ticket
 
 
+async def test_lease_with_duplicate_version_rolls_back(tmp_path: Path) -> None:
+    path = tmp_path / "kharon.db"
+    async with SQLiteStore(path) as store:
+        first, second, third = await store.put([put_command(ticket_id=f"t-{n}") for n in range(3)])
+        # A writer that bypasses the store appends version 2 of the second ticket to the log only.
+        rogue = sqlite3.connect(path)
+        rogue.execute(
+            "INSERT INTO events (ticket_id, version, kind, at, changes, schema_version) "
+            "VALUES (?, 2, 'retry', 0, '{}', 1)",
+            (second.id,),
+        )
+        rogue.commit()
+        rogue.close()
+
+        with pytest.raises(VersionConflict) as caught:
+            await store.lease(lease_command())
+
+        assert caught.value.ticket_id == second.id
+        assert isinstance(caught.value.__cause__, sqlite3.IntegrityError)
+        assert await store.get(first.id) == first
+        assert await store.get(third.id) == third
+        assert [event.version for event in await store.history(first.id)] == [1]
+
+
 async def test_busy_file_retried_with_warning(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     path = tmp_path / "kharon.db"
     migrate(path)

@@ -19,6 +19,7 @@ from kharon._commands import (
     SettleCommand,
     SettleOperation,
 )
+from kharon._events import Event
 from kharon._lifecycle import decide_delete, decide_expire, decide_lease, decide_put, decide_settle, fold
 from kharon._ticket import Ticket
 from kharon.stores._protocol import Transaction
@@ -67,15 +68,21 @@ def lease(tx: Transaction, command: LeaseCommand) -> LeaseResult:
     while len(leased) < command.limit:
         wanted = command.limit - len(leased)
         candidates = tx.due(command.now, wanted)
+        changes: list[tuple[Event, Ticket]] = []
         for current in candidates:
             if command.max_attempts is not None and current.attempts >= command.max_attempts:
-                exhausted.append(_fail_exhausted(tx, current, command))
-                continue
-            event = decide_lease(current, command)
-            ticket = fold(current, event)
-            assert ticket is not None
-            tx.append(event, ticket)
-            leased.append(ticket)
+                event = _fail_exhausted(current, command)
+                ticket = fold(current, event)
+                assert ticket is not None
+                exhausted.append(ticket)
+            else:
+                event = decide_lease(current, command)
+                ticket = fold(current, event)
+                assert ticket is not None
+                leased.append(ticket)
+            changes.append((event, ticket))
+        # Written before the next query, which must not find these tickets again.
+        _append_all(tx, changes)
         # Leased tickets are no longer due (process_time is positive) and
         # exhausted ones are failed, so a repeated query only finds new ones.
         if len(candidates) < wanted:
@@ -86,7 +93,19 @@ def lease(tx: Transaction, command: LeaseCommand) -> LeaseResult:
     return LeaseResult(tickets=leased, next_due_at=next_due_at, exhausted=exhausted)
 
 
-def _fail_exhausted(tx: Transaction, current: Ticket, command: LeaseCommand) -> Ticket:
+def _append_all(tx: Transaction, changes: list[tuple[Event, Ticket]]) -> None:
+    """Append the changes through `append_many` where the store has it (`BatchTransaction`)."""
+    if not changes:
+        return
+    append_many = getattr(tx, "append_many", None)
+    if append_many is None:
+        for event, ticket in changes:
+            tx.append(event, ticket)
+    else:
+        append_many(changes)
+
+
+def _fail_exhausted(current: Ticket, command: LeaseCommand) -> Event:
     reason = (
         f"gave up after {current.attempts} deliveries: max_attempts is {command.max_attempts}"
     )
@@ -97,11 +116,7 @@ def _fail_exhausted(tx: Transaction, current: Ticket, command: LeaseCommand) -> 
         actor=command.actor,
         error_reason=reason,
     )
-    event = decide_settle(current, settle_command)
-    ticket = fold(current, event)
-    assert ticket is not None
-    tx.append(event, ticket)
-    return ticket
+    return decide_settle(current, settle_command)
 
 
 def expire(tx: Transaction, command: ExpireCommand) -> int:

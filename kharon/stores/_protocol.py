@@ -40,7 +40,7 @@ from kharon._commands import (
 from kharon._events import Event
 from kharon._ticket import Ticket, TicketStatus
 
-__all__ = ["Stats", "Store", "Transaction"]
+__all__ = ["BatchTransaction", "Stats", "Store", "Transaction"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -96,6 +96,21 @@ class Transaction(Protocol):
 
         Return the global `seq` the store assigned to the event. `event` itself
         is left unchanged (its `seq` stays None), so no copy of it is made.
+        """
+
+
+class BatchTransaction(Transaction, Protocol):
+    """A `Transaction` that can also write many changes in one call; optional for stores.
+
+    The engine uses `append_many` for the tickets of one lease poll when the
+    transaction has it, and calls `append` once per ticket otherwise.
+    """
+
+    def append_many(self, changes: Sequence[tuple[Event, Ticket]]) -> None:
+        """Write the changes as `append` called for each (event, ticket) pair in order would.
+
+        The caller passes only existing rows that stay (no put, no removal),
+        each ticket at most once.
         """
 
 

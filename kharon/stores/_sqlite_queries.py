@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import sqlite3
+from collections.abc import Iterator, Sequence
 from datetime import datetime
 from functools import cache
 from typing import Any, Final
@@ -171,6 +172,23 @@ def _update_values(before: Ticket | None, ticket: Ticket) -> tuple[str, list[Any
     return _update_sql(tuple(indexed)), values
 
 
+def _event_values(event: Event) -> tuple[Any, ...]:
+    """Return the parameters of `_INSERT_EVENT` for `event`."""
+    status_before = event.status_before
+    status_after = event.status_after
+    return (
+        event.ticket_id,
+        event.version,
+        event.kind.value,
+        to_micros(event.at),
+        event.actor,
+        None if status_before is None else status_before.value,
+        None if status_after is None else status_after.value,
+        _encode_json(event.changes),
+        event.schema_version,
+    )
+
+
 def _event_from_row(row: tuple[Any, ...]) -> Event:
     return construct_unchecked(
         Event,
@@ -234,27 +252,10 @@ class SQLiteTransaction:
 
     def append(self, event: Event, ticket: Ticket | None) -> int:
         connection = self._connection
-        status_after = event.status_after
-        status_before = event.status_before
         try:
-            cursor = connection.execute(
-                _INSERT_EVENT,
-                (
-                    event.ticket_id,
-                    event.version,
-                    event.kind.value,
-                    to_micros(event.at),
-                    event.actor,
-                    None if status_before is None else status_before.value,
-                    None if status_after is None else status_after.value,
-                    _encode_json(event.changes),
-                    event.schema_version,
-                ),
-            )
+            cursor = connection.execute(_INSERT_EVENT, _event_values(event))
         except sqlite3.IntegrityError as exc:
-            # UNIQUE (ticket_id, version): another writer appended this version
-            # first, so the decision was made on a stale row.
-            raise VersionConflict(event.ticket_id, event.version - 1, self.last_version(event.ticket_id)) from exc
+            raise self._version_conflict(event) from exc
         seq: int = cursor.lastrowid  # type: ignore[assignment]  # an INSERT always sets it
 
         row_before = self._read.pop(event.ticket_id, None)
@@ -266,6 +267,44 @@ class SQLiteTransaction:
             connection.execute(*_update_values(row_before, ticket))
         self.appended += 1
         return seq
+
+    def append_many(self, changes: Sequence[tuple[Event, Ticket]]) -> None:
+        """Append each event and update its ticket's row, with one `executemany` per statement.
+
+        The end state is that of `append` called for each pair in order. The
+        caller must pass only existing rows that stay (no put, no removal),
+        each ticket at most once, because the row updates run after all event
+        inserts.
+        """
+        connection = self._connection
+        # executemany binds and runs one row at a time, so when a row fails
+        # this list contains the event that failed.
+        inserting: list[Event] = []
+
+        def event_rows() -> Iterator[tuple[Any, ...]]:
+            for event, _ in changes:
+                inserting[:] = [event]
+                yield _event_values(event)
+
+        try:
+            connection.executemany(_INSERT_EVENT, event_rows())
+        except sqlite3.IntegrityError as exc:
+            raise self._version_conflict(inserting[0]) from exc
+
+        # Rows differ in which indexed columns changed, so group them by statement.
+        updates: dict[str, list[list[Any]]] = {}
+        read = self._read
+        for event, ticket in changes:
+            sql, values = _update_values(read.pop(event.ticket_id, None), ticket)
+            updates.setdefault(sql, []).append(values)
+        for sql, rows in updates.items():
+            connection.executemany(sql, rows)
+        self.appended += len(changes)
+
+    def _version_conflict(self, event: Event) -> VersionConflict:
+        # UNIQUE (ticket_id, version): another writer appended this version
+        # first, so the decision was made on a stale row.
+        return VersionConflict(event.ticket_id, event.version - 1, self.last_version(event.ticket_id))
 
 
 def select_ticket(connection: sqlite3.Connection, ticket_id: str) -> Ticket | None:
