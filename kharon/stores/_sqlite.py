@@ -23,16 +23,17 @@ and no ticket is leased twice. A writer that finds the lock taken waits up to
 `busy_timeout`. If SQLITE_BUSY still comes back, the whole batch is retried
 with a backoff, and each retry logs a WARNING on `kharon.store.sqlite`.
 
-Where the time goes (docs/benchmarks.md has the figures): on a 2-core VM
+Where the time goes (docs/benchmarks.md has the figures). On a 2-core VM
 shared with other jobs (Python 3.11.7, SQLite 3.40.1), `benchmarks/bench.py`
-runs 64 workers that lease and ack no-op tickets at about 9,500 tickets/s,
-for about 100 us of CPU per ticket over both threads, which share the GIL.
-The writer thread takes about 85 us of it: lease about 44 us and ack about
-40 us. About half of the writer's time is SQLite running the statements
-(event insert, row update or delete, the selects, COMMIT) and half is Python
-(rows to `Ticket` objects, decisions, events, JSON). The Trio side costs
-about 18 us per ticket. With 4 workers each batch holds at most 4 tickets,
-and the thread hop and COMMIT per batch double the cost per ticket.
+runs 64 workers that lease and ack no-op tickets at about 8,800 tickets/s.
+That costs about 107 us of CPU per ticket over both threads, which share the
+GIL.
+The writer thread takes about 70 us of it for the lease and the ack. About half of the writer's time is SQLite
+running the statements (event insert, row update or delete, the selects,
+COMMIT) and half is Python (rows to `Ticket` objects, decisions, events,
+JSON). The Trio side costs about 35 us per ticket. With 4 workers each batch
+holds at most 4 tickets, and the hand-off and COMMIT per batch double the
+cost per ticket, to about 215 us.
 """
 
 from __future__ import annotations
