@@ -28,6 +28,7 @@ from sqlite_utils import Database
 from kharon import (
     BackoffDelay,
     InvalidTransition,
+    KharonError,
     SchemaError,
     StoreClosed,
     Ticket,
@@ -418,6 +419,22 @@ async def test_lease_with_duplicate_version_rolls_back(tmp_path: Path) -> None:
         assert await store.get(first.id) == first
         assert await store.get(third.id) == third
         assert [event.version for event in await store.history(first.id)] == [1]
+
+
+async def test_base_exception_fails_batch(tmp_path: Path) -> None:
+    class Stop(BaseException):
+        pass
+
+    def stop(_: object) -> None:
+        raise Stop
+
+    async with SQLiteStore(tmp_path / "kharon.db") as store:
+        with pytest.raises(KharonError, match="nothing was written") as caught:
+            await store._write(stop, wakes=False)
+        (ticket,) = await store.put([put_command()])
+
+        assert isinstance(caught.value.__cause__, Stop)
+        assert await store.get(ticket.id) == ticket
 
 
 async def test_busy_file_retried_with_warning(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:

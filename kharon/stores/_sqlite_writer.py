@@ -207,9 +207,11 @@ class WriterThread:
             except sqlite3.Error as exc:
                 _fail_all(jobs, partial(self._batch_error, exc))
                 return
-            except Exception as exc:
-                # A bug in the store itself. The thread must go on serving
-                # writes, so every caller in the batch gets the error instead.
+            except BaseException as exc:
+                # A bug in the store itself, or a job that raised a BaseException.
+                # The thread must go on serving writes, and a caller must not
+                # take a rolled-back write for a result, so every caller in
+                # the batch gets the error instead.
                 logger.error("batch of %d writes to %s failed: %r", len(jobs), self._path, exc, exc_info=exc)
                 _fail_all(jobs, partial(self._batch_error, exc))
                 return
@@ -263,7 +265,7 @@ class WriterThread:
             return error
         return exc
 
-    def _batch_error(self, exc: Exception) -> KharonError:
+    def _batch_error(self, exc: BaseException) -> KharonError:
         error = KharonError(f"SQLite write to {self._path} failed, nothing was written: {exc}")
         error.__cause__ = exc
         return error
