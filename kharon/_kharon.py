@@ -110,8 +110,8 @@ class Kharon:
         # Recorded on the events of calls made outside handlers.
         self.actor = default_actor() if actor is None else check_identifier(actor, "actor")
         self._rng = rng or random.Random()
-        # Cancel scopes of the handler hosts of running `run` calls.
-        self._handler_scopes: set[trio.CancelScope] = set()
+        # (poller nursery, handler host) cancel scopes of each running `run`.
+        self._run_scopes: set[tuple[trio.CancelScope, trio.CancelScope]] = set()
 
     # -- putting -------------------------------------------------------------
 
@@ -371,14 +371,16 @@ class Kharon:
         await run_workers(self, router, task_status=task_status)
 
     def cancel_handlers(self) -> None:
-        """Cancel every running handler now, cutting the shutdown grace period short.
+        """Stop every running `run` now, without the shutdown grace period.
 
-        Their tickets are released to pending as on any shutdown. Use it when
-        a second stop request must not wait for `shutdown_grace_period`; it
-        does not stop polling by itself (cancel `run` for that).
+        Polling stops and running handlers are cancelled at once; their
+        tickets are released to pending as on any shutdown, and `run` then
+        returns. Use it when a second stop request must not wait for
+        `shutdown_grace_period`.
         """
-        for scope in self._handler_scopes:
-            scope.cancel()
+        for scopes in list(self._run_scopes):
+            for scope in scopes:
+                scope.cancel()
 
     def _actor(self) -> str:
         delivery = _delivery.get()

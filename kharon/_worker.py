@@ -65,6 +65,12 @@ class _Slots:
         self._released = trio.Event()
 
 
+def _is_cancellation(exc: BaseException) -> bool:
+    if isinstance(exc, trio.Cancelled):
+        return True
+    return isinstance(exc, BaseExceptionGroup) and exc.subgroup(trio.Cancelled) is not None
+
+
 def _seconds(value: timedelta) -> float:
     return value.total_seconds()
 
@@ -188,9 +194,11 @@ class _Runtime:
                     await self.after_failure(ticket, exc)
             if lease_scope.cancelled_caught:
                 await self.after_timeout(ticket)
-        except trio.Cancelled:
+        except BaseException as exc:
             # Shutdown: the grace period ran out while the handler was running.
-            await self.release(ticket)
+            # A handler's own nursery reports the cancellation in a group.
+            if _is_cancellation(exc):
+                await self.release(ticket)
             raise
         finally:
             _delivery.reset(token)
@@ -272,14 +280,10 @@ async def run_workers(
     handler_scope = trio.CancelScope(shield=True)
 
     async def host_handlers(task_status: trio.TaskStatus[trio.Nursery]) -> None:
-        kharon._handler_scopes.add(handler_scope)
-        try:
-            with handler_scope:
-                async with trio.open_nursery() as handlers:
-                    task_status.started(handlers)
-                    await stopping.wait()
-        finally:
-            kharon._handler_scopes.discard(handler_scope)
+        with handler_scope:
+            async with trio.open_nursery() as handlers:
+                task_status.started(handlers)
+                await stopping.wait()
 
     logger.info(
         "workers starting: %d workers, batch size %d, process_time %s s, actor %s",
@@ -290,6 +294,9 @@ async def run_workers(
     )
     try:
         async with trio.open_nursery() as nursery:
+            # `Kharon.cancel_handlers` cancels both: polling and the handlers.
+            scopes = (nursery.cancel_scope, handler_scope)
+            kharon._run_scopes.add(scopes)
             handlers = await nursery.start(host_handlers)
             if settings.enable_expiration:
                 nursery.start_soon(runtime.expire_forever, name="kharon expirer")
@@ -301,5 +308,6 @@ async def run_workers(
                 handler_scope.deadline = trio.current_time() + settings.shutdown_grace_period.total_seconds()
                 stopping.set()
                 nursery.cancel_scope.cancel()
+                kharon._run_scopes.discard(scopes)
     finally:
         logger.info("workers stopped")

@@ -544,6 +544,53 @@ async def test_cancel_handlers_cuts_grace_short(store: Store, autojump_clock: tr
     assert stuck.error_reason == "worker shut down before the handler finished"
 
 
+async def test_cancel_handlers_alone_stops_run(store: Store, autojump_clock: trio.testing.MockClock) -> None:
+    kharon = make_kharon(store, settings(workers=1, process_time=600, shutdown_grace_period=300))
+    router = Router()
+    started = trio.Event()
+
+    @router.route("email")
+    async def send(ticket: Ticket) -> None:
+        started.set()
+        await trio.sleep_forever()
+
+    with trio.fail_after(DEADLINE):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(kharon.run, router)
+            await kharon.put(email("stuck"))
+            await started.wait()
+            kharon.cancel_handlers()
+
+    stuck = await kharon.get("stuck")
+    assert stuck.status is TicketStatus.PENDING
+    assert stuck.attempts == 1
+
+
+async def test_handler_nursery_released_on_shutdown(
+    store: Store, autojump_clock: trio.testing.MockClock
+) -> None:
+    kharon = make_kharon(store, settings(workers=1, process_time=600, shutdown_grace_period=5))
+    router = Router()
+    started = trio.Event()
+
+    @router.route("email")
+    async def send(ticket: Ticket) -> None:
+        started.set()
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(trio.sleep, 100)
+
+    with trio.fail_after(DEADLINE):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(kharon.run, router)
+            await kharon.put(email("nested"))
+            await started.wait()
+            nursery.cancel_scope.cancel()
+
+    nested = await kharon.get("nested")
+    assert nested.status is TicketStatus.PENDING
+    assert nested.error_reason == "worker shut down before the handler finished"
+
+
 async def test_idle_shutdown_is_immediate(store: Store, autojump_clock: trio.testing.MockClock) -> None:
     kharon = make_kharon(store, settings())
 
