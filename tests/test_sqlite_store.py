@@ -28,6 +28,7 @@ from sqlite_utils import Database
 from kharon import (
     BackoffDelay,
     InvalidTransition,
+    Kharon,
     KharonError,
     SchemaError,
     StoreClosed,
@@ -733,3 +734,52 @@ def test_wait_for_change_wakes_on_second_store(tmp_path: Path) -> None:
         return woke.is_set()
 
     assert trio.run(main)
+
+
+def test_second_concurrent_run_rejected(tmp_path: Path) -> None:
+    store = SQLiteStore(tmp_path / "kharon.db")
+    in_first_run = threading.Event()
+    errors: list[BaseException] = []
+
+    def second_run() -> None:
+        if not in_first_run.wait(timeout=30):
+            return
+
+        async def put() -> None:
+            await Kharon(store).put(Ticket(id="b", type="email"))
+
+        try:
+            trio.run(put)
+        except RuntimeError as exc:
+            errors.append(exc)
+
+    async def first_run() -> None:
+        await Kharon(store).put(Ticket(id="a", type="email"))
+        in_first_run.set()
+        await trio.to_thread.run_sync(thread.join)
+        await store.close()
+
+    # A daemon, so a failing first run cannot leave the test process hanging.
+    thread = threading.Thread(target=second_run, daemon=True)
+    thread.start()
+    trio.run(first_run)
+
+    (error,) = errors
+    assert "in use by another trio.run" in str(error)
+
+
+async def test_concurrent_close_waits_for_first(tmp_path: Path) -> None:
+    store = SQLiteStore(tmp_path / "kharon.db")
+    await Kharon(store).put(Ticket(id="a", type="email"))
+    finished: list[str] = []
+
+    async def close(name: str) -> None:
+        await store.close()
+        finished.append(name)
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(close, "first")
+        nursery.start_soon(close, "second")
+
+    assert sorted(finished) == ["first", "second"]
+    assert not store._writer_thread._thread.is_alive()  # type: ignore[union-attr]

@@ -145,6 +145,7 @@ class SQLiteStore:
         self._readers: list[sqlite3.Connection] = []
         self._run: _RunState | None = None
         self._closed = False
+        self._close_finished = trio.Event()
         # Times waiters were woken; see `change_token`.
         self._change_count = 0
 
@@ -335,6 +336,11 @@ class SQLiteStore:
         token = trio.lowlevel.current_trio_token()
         run = self._run
         if run is None or run.token is not token:
+            if run is not None and _run_is_alive(run.token):
+                raise RuntimeError(
+                    f"the SQLite store {self.path} is in use by another trio.run that is still running; "
+                    "open one SQLiteStore per run (they can share the file)"
+                )
             run = self._run = _RunState(token)
         return run
 
@@ -349,7 +355,9 @@ class SQLiteStore:
         after it raise `StoreClosed`. Closing twice does nothing.
         """
         if self._closed:
-            await trio.lowlevel.checkpoint()
+            # A second call returns once the first has finished closing.
+            with trio.CancelScope(shield=True):
+                await self._close_finished.wait()
             return
         self._closed = True
         run = self._run_state()
@@ -371,6 +379,7 @@ class SQLiteStore:
             while run.reads_in_flight:
                 await run.reads_finished.wait()
             await trio.to_thread.run_sync(self._close_connections)
+            self._close_finished.set()
 
     def _close_connections(self) -> None:
         for connection in self._readers:
@@ -392,6 +401,19 @@ class SQLiteStore:
     def __repr__(self) -> str:
         state = "closed" if self._closed else "open"
         return f"<SQLiteStore {self.path!r} {state}>"
+
+
+def _run_is_alive(token: trio.lowlevel.TrioToken) -> bool:
+    """Return True while the Trio run of `token` has not finished."""
+    try:
+        token.run_sync_soon(_do_nothing)
+    except trio.RunFinishedError:
+        return False
+    return True
+
+
+def _do_nothing() -> None:
+    pass
 
 
 def _cannot_abort(_: Any) -> trio.lowlevel.Abort:

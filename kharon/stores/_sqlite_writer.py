@@ -133,9 +133,12 @@ class WriterThread:
             if last:
                 self._stopping = True
             self._condition.notify()
-        if self._thread is None:
-            self._thread = threading.Thread(target=self._run, name=f"kharon sqlite writer {self._path}", daemon=True)
-            self._thread.start()
+            # Started under the lock, so two first submits never start two threads.
+            if self._thread is None:
+                self._thread = threading.Thread(
+                    target=self._run, name=f"kharon sqlite writer {self._path}", daemon=True
+                )
+                self._thread.start()
 
     def stop(self) -> None:
         """Ask the thread to finish the queued jobs, close the connection and end.
