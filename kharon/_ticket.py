@@ -147,10 +147,15 @@ def construct_unchecked(model: type[ModelT], fields: dict[str, Any]) -> ModelT:
     because no field is looked up for an alias or a default. That path sets
     the attributes `model_construct` sets for a model with no extras, private
     attributes or `model_post_init`, which holds for `Ticket` and `Event`.
-    Any other set of keys goes through `model_construct`.
+    Any other set of keys goes through `model_construct`. The fields are put
+    in declaration order, because pydantic dumps and prints `__dict__` in its
+    order, and a folded ticket must serialize exactly as a validated one.
     """
-    if fields.keys() != model.__pydantic_fields__.keys():
+    declared = model.__pydantic_fields__
+    if fields.keys() != declared.keys():
         return model.model_construct(**fields)
+    if tuple(fields) != tuple(declared):
+        fields = {name: fields[name] for name in declared}
     instance = model.__new__(model)
     object.__setattr__(instance, "__dict__", fields)
     object.__setattr__(instance, "__pydantic_fields_set__", set(fields))

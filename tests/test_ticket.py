@@ -524,3 +524,16 @@ def test_exception_reason_escapes_surrogates() -> None:
 
     assert ticket.error_reason == "OSError: bad \\udcff name"
     ticket.error_reason.encode("utf-8")
+
+
+def test_construct_unchecked_dumps_like_validated() -> None:
+    fields = {"version": 1, "type": "email", "id": "t-1"}
+    for name, info in Ticket.model_fields.items():
+        if name not in fields:
+            fields[name] = info.get_default(call_default_factory=True)
+
+    built = construct_unchecked(Ticket, dict(fields))
+
+    validated = Ticket.model_validate(fields)
+    assert built.model_dump_json() == validated.model_dump_json()
+    assert repr(built) == repr(validated)
