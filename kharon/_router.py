@@ -76,6 +76,4 @@ class Router:
 def _check_handler(handler: Any) -> None:
     target = handler.__call__ if not inspect.isroutine(handler) and callable(handler) else handler
     if not inspect.iscoroutinefunction(target):
-        raise TypeError(
-            f"handler {handler!r} must be an async function (async def handler(ticket): ...)"
-        )
+        raise TypeError(f"handler {handler!r} must be an async function (async def handler(ticket): ...)")

@@ -69,9 +69,7 @@ def check_identifier(value: object, what: str) -> str:
     if not value:
         raise ValueError(f"{what} must not be empty")
     if len(value) > MAX_ID_LENGTH:
-        raise ValueError(
-            f"{what} is {len(value)} characters long, the limit is {MAX_ID_LENGTH}: {value[:40]!r}..."
-        )
+        raise ValueError(f"{what} is {len(value)} characters long, the limit is {MAX_ID_LENGTH}: {value[:40]!r}...")
     control = _CONTROL_CHARACTER.search(value)
     if control is not None:
         raise ValueError(
@@ -106,9 +104,7 @@ def normalize_json(value: Any, what: str) -> Any:
             raise ValueError(f"{what} contains NaN or an infinite number, which JSON cannot represent") from exc
         raise ValueError(f"{what} is not JSON-serializable: {exc}") from exc
     except TypeError as exc:
-        raise ValueError(
-            f"{what} is not JSON-serializable ({exc}); pass JSON data or a pydantic model"
-        ) from exc
+        raise ValueError(f"{what} is not JSON-serializable ({exc}); pass JSON data or a pydantic model") from exc
     try:
         text.encode("utf-8")
     except UnicodeEncodeError as exc:
@@ -280,9 +276,7 @@ def as_delay(value: Delay | None) -> FixedDelay | BackoffDelay | None:
         return value
     if isinstance(value, timedelta):
         return FixedDelay(value)
-    raise TypeError(
-        f"delay must be a FixedDelay, a BackoffDelay or a timedelta, got {type(value).__name__} {value!r}"
-    )
+    raise TypeError(f"delay must be a FixedDelay, a BackoffDelay or a timedelta, got {type(value).__name__} {value!r}")
 
 
 Nice = Annotated[StrictInt, Field(ge=NICE_MIN, le=NICE_MAX)]

@@ -73,9 +73,7 @@ def utc(value: datetime) -> datetime:
     try:
         return value.astimezone(UTC)
     except OverflowError:
-        raise ValueError(
-            f"datetime {value.isoformat()!r} is out of range once converted to UTC"
-        ) from None
+        raise ValueError(f"datetime {value.isoformat()!r} is out of range once converted to UTC") from None
 
 
 def to_micros(value: datetime) -> int:

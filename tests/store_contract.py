@@ -1080,9 +1080,7 @@ class StoreContract:
 
     # -- waking --------------------------------------------------------------
 
-    async def test_put_during_lease_wakes_waiter(
-        self, kharon: Kharon, autojump_clock: trio.testing.MockClock
-    ) -> None:
+    async def test_put_during_lease_wakes_waiter(self, kharon: Kharon, autojump_clock: trio.testing.MockClock) -> None:
         """A put that commits while a poll runs must wake the poller's next wait."""
         token = kharon.store.change_token()
         async with trio.open_nursery() as nursery:
@@ -1096,9 +1094,7 @@ class StoreContract:
 
         assert not waited.cancelled_caught
 
-    async def test_wait_blocks_without_change(
-        self, kharon: Kharon, autojump_clock: trio.testing.MockClock
-    ) -> None:
+    async def test_wait_blocks_without_change(self, kharon: Kharon, autojump_clock: trio.testing.MockClock) -> None:
         token = kharon.store.change_token()
 
         with trio.move_on_after(60) as waited:

@@ -175,8 +175,7 @@ def test_missing_file_exits_4_and_creates_nothing(tmp_path: Path, args: list[str
 
     assert_failed(result, 4)
     assert result.stderr == (
-        f"Error: database file {path} does not exist; "
-        f"create it with `kharon migrate --db {path}` or `kharon serve`\n"
+        f"Error: database file {path} does not exist; create it with `kharon migrate --db {path}` or `kharon serve`\n"
     )
     assert list(tmp_path.iterdir()) == []
 
@@ -416,9 +415,7 @@ def test_serve_bad_app_exits_2(db: str) -> None:
 @pytest.mark.parametrize(
     ("attribute", "fragment"), [("number", "is an object of type int"), ("missing", "has no attribute 'missing'")]
 )
-def test_bad_app_creates_no_database(
-    app_module: str, db: str, command: str, attribute: str, fragment: str
-) -> None:
+def test_bad_app_creates_no_database(app_module: str, db: str, command: str, attribute: str, fragment: str) -> None:
     result = run(command, "--app", f"{app_module}:{attribute}", "--db", db)
 
     assert_failed(result, 2, fragment)
@@ -499,8 +496,17 @@ def test_worker_bad_app_exits_2(db: str) -> None:
 
 @pytest.mark.parametrize(
     ("host", "loopback"),
-    [("127.0.0.1", True), ("127.8.9.10", True), ("localhost", True), ("::1", True), ("[::1]", True),
-     ("0.0.0.0", False), ("::", False), ("192.168.1.5", False), ("example.com", False)],
+    [
+        ("127.0.0.1", True),
+        ("127.8.9.10", True),
+        ("localhost", True),
+        ("::1", True),
+        ("[::1]", True),
+        ("0.0.0.0", False),
+        ("::", False),
+        ("192.168.1.5", False),
+        ("example.com", False),
+    ],
 )
 def test_is_loopback(host: str, loopback: bool) -> None:
     assert is_loopback(host) is loopback
@@ -511,7 +517,7 @@ def test_is_loopback(host: str, loopback: bool) -> None:
 
 @pytest.fixture
 def app_module(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
-    source = '''
+    source = """
 from kharon import Router
 
 router = Router()
@@ -529,7 +535,7 @@ def not_a_router(kharon):
     return 42
 
 number = 7
-'''
+"""
     (tmp_path / "kharon_test_app.py").write_text(source)
     monkeypatch.syspath_prepend(str(tmp_path))
     yield "kharon_test_app"

@@ -99,9 +99,7 @@ def reached_outcome(ticket_type: str, events: list[dict[str, Any]]) -> bool:
     reason = "failed by handler" if ticket_type == "fail" else "unsupported ticket type"
     # The failed ticket expires after its TTL (10 s or 30 s), so look for the fail event itself.
     return any(
-        event["kind"] == "fail"
-        and event["status_after"] == "failed"
-        and event["changes"].get("error_reason") == reason
+        event["kind"] == "fail" and event["status_after"] == "failed" and event["changes"].get("error_reason") == reason
         for event in events
     )
 

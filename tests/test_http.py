@@ -298,7 +298,7 @@ async def test_runat_and_delay_message_is_clean(client: httpx.AsyncClient) -> No
 async def test_long_id_is_shown_once_truncated(client: httpx.AsyncClient) -> None:
     response = await client.post("/tickets", json={"type": "done", "id": "x" * 300})
 
-    assert_error(response, 422, "body.id: String should have at most 255 characters, got \"xxx")
+    assert_error(response, 422, 'body.id: String should have at most 255 characters, got "xxx')
     message = response.json()["error"]
     assert message.count("x" * 40) == 1
     assert len(message) < 200

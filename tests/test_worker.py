@@ -566,9 +566,7 @@ async def test_cancel_handlers_alone_stops_run(store: Store, autojump_clock: tri
     assert stuck.attempts == 1
 
 
-async def test_handler_nursery_released_on_shutdown(
-    store: Store, autojump_clock: trio.testing.MockClock
-) -> None:
+async def test_handler_nursery_released_on_shutdown(store: Store, autojump_clock: trio.testing.MockClock) -> None:
     kharon = make_kharon(store, settings(workers=1, process_time=600, shutdown_grace_period=5))
     router = Router()
     started = trio.Event()

@@ -242,8 +242,7 @@ db_option = click.option(
     show_default=True,
     show_envvar=True,
     callback=_choose_db,
-    help=f"SQLite database file; {MEMORY_DB} keeps tickets in memory (serve and worker only). "
-    "Overrides `kharon --db`.",
+    help=f"SQLite database file; {MEMORY_DB} keeps tickets in memory (serve and worker only). Overrides `kharon --db`.",
 )
 json_option = click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
 
@@ -454,9 +453,7 @@ def serve(
             f"{settings.workers} workers, router {app_spec or 'kharon.example (built-in)'}"
         )
 
-    _run_service(
-        kharon, lambda: run_server(kharon, router, app, host=host, port=port, on_listening=announce)
-    )
+    _run_service(kharon, lambda: run_server(kharon, router, app, host=host, port=port, on_listening=announce))
 
 
 @cli.command()
@@ -493,7 +490,7 @@ def worker(
 @cli.command()
 @click.argument("ticket_type", metavar="TYPE")
 @click.option("--id", "ticket_id", help="Ticket id; a new UUIDv7 when omitted. An existing ticket starts over.")
-@click.option("--payload", type=JSONValue(), help='Payload as JSON, for example \'{"user": 7}\' [default: null].')
+@click.option("--payload", type=JSONValue(), help="Payload as JSON, for example '{\"user\": 7}' [default: null].")
 @click.option("--nice", type=click.IntRange(NICE_MIN, NICE_MAX), default=0, show_default=True, help="Lower runs first.")
 @click.option("--delay", type=SECONDS, help="Seconds until the ticket is due, 0 or more [default: due at once].")
 @db_option

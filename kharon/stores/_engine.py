@@ -106,9 +106,7 @@ def _append_all(tx: Transaction, changes: list[tuple[Event, Ticket]]) -> None:
 
 
 def _fail_exhausted(current: Ticket, command: LeaseCommand) -> Event:
-    reason = (
-        f"gave up after {current.attempts} deliveries: max_attempts is {command.max_attempts}"
-    )
+    reason = f"gave up after {current.attempts} deliveries: max_attempts is {command.max_attempts}"
     settle_command = SettleCommand(
         operation=SettleOperation.FAIL,
         ticket_id=current.id,

@@ -52,11 +52,7 @@ class _MemoryTransaction:
 
     def due(self, now: datetime, limit: int) -> list[Ticket]:
         store = self._store
-        ready = [
-            t
-            for t in store._tickets.values()
-            if t.status in _ACTIVE and t.runat is not None and t.runat <= now
-        ]
+        ready = [t for t in store._tickets.values() if t.status in _ACTIVE and t.runat is not None and t.runat <= now]
         ready.sort(key=lambda t: (t.nice, t.runat, store._put_seq[t.id]))
         return ready[:limit]
 
@@ -70,9 +66,7 @@ class _MemoryTransaction:
         return found[:limit]
 
     def next_due_at(self) -> datetime | None:
-        instants = [
-            t.runat for t in self._store._tickets.values() if t.status in _ACTIVE and t.runat is not None
-        ]
+        instants = [t.runat for t in self._store._tickets.values() if t.status in _ACTIVE and t.runat is not None]
         return min(instants, default=None)
 
     def append(self, event: Event, ticket: Ticket | None) -> int:

@@ -420,4 +420,3 @@ def _cannot_abort(_: Any) -> trio.lowlevel.Abort:
     # A queued write cannot be taken back, so its caller waits for the outcome.
     # Trio then delivers the cancellation at the caller's next checkpoint.
     return trio.lowlevel.Abort.FAILED
-
