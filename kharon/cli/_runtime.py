@@ -15,7 +15,7 @@ import logging
 import os
 import signal
 import sys
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from functools import partial
 from typing import Any, cast
 
@@ -197,26 +197,34 @@ async def run_server(
     # Open requests get as long to finish as running handlers do.
     config.graceful_timeout = kharon.settings.shutdown_grace_period.total_seconds()
 
-    shutdown = trio.Event()
-    forced: list[int] = []
-    async with trio.open_nursery() as everything:
-        await everything.start(_watch_signals, kharon, shutdown, forced, everything.cancel_scope)
-        async with trio.open_nursery() as services:
-            workers = trio.CancelScope()
-            await services.start(_run_workers, kharon, router, workers)
-            server = partial(hypercorn_serve, cast(Any, app), config, shutdown_trigger=shutdown.wait)
-            binds = await services.start(server)
-            on_listening(binds)
-            await shutdown.wait()
-            # Stopping the workers cancels only their poller: handlers get the grace period.
-            workers.cancel()
-        everything.cancel_scope.cancel()
-    if forced:
-        raise ForcedStop(forced[0])
+
+    async def start_server(services: trio.Nursery, shutdown: trio.Event) -> None:
+        server = partial(hypercorn_serve, cast(Any, app), config, shutdown_trigger=shutdown.wait)
+        on_listening(await services.start(server))
+
+    await _run_until_signal(kharon, router, start_server)
 
 
 async def run_workers_only(kharon: Kharon, router: Router, *, on_started: Callable[[], None]) -> None:
     """Run the workers until a signal stops them; raise `ForcedStop` on a second signal."""
+
+    async def announce(services: trio.Nursery, shutdown: trio.Event) -> None:
+        on_started()
+
+    await _run_until_signal(kharon, router, announce)
+
+
+async def _run_until_signal(
+    kharon: Kharon,
+    router: Router,
+    start_services: Callable[[trio.Nursery, trio.Event], Awaitable[None]],
+) -> None:
+    """Run the workers plus what `start_services` starts, until SIGINT or SIGTERM.
+
+    `start_services` gets the services nursery and the shutdown event. The
+    first signal sets that event and stops the workers' poller; a second one
+    raises `ForcedStop` after cancelling everything at once.
+    """
     shutdown = trio.Event()
     forced: list[int] = []
     async with trio.open_nursery() as everything:
@@ -224,8 +232,9 @@ async def run_workers_only(kharon: Kharon, router: Router, *, on_started: Callab
         async with trio.open_nursery() as services:
             workers = trio.CancelScope()
             await services.start(_run_workers, kharon, router, workers)
-            on_started()
+            await start_services(services, shutdown)
             await shutdown.wait()
+            # Stopping the workers cancels only their poller: handlers get the grace period.
             workers.cancel()
         everything.cancel_scope.cancel()
     if forced:
