@@ -197,7 +197,6 @@ async def run_server(
     # Open requests get as long to finish as running handlers do.
     config.graceful_timeout = kharon.settings.shutdown_grace_period.total_seconds()
 
-
     async def start_server(services: trio.Nursery, shutdown: trio.Event) -> None:
         server = partial(hypercorn_serve, cast(Any, app), config, shutdown_trigger=shutdown.wait)
         on_listening(await services.start(server))
