@@ -69,7 +69,7 @@ async def kharon_on(kind: str, directory: Path, name: str, settings: Settings | 
 
 
 async def bench_put_sequential(kind: str, directory: Path, count: int) -> float:
-    """One caller awaiting each put: the latency-bound case."""
+    """Measure one caller awaiting each put: the latency-bound case."""
     async with kharon_on(kind, directory, "put-sequential") as kharon:
         started = time.perf_counter()
         for i in range(count):
@@ -78,7 +78,7 @@ async def bench_put_sequential(kind: str, directory: Path, count: int) -> float:
 
 
 async def bench_put_concurrent(kind: str, directory: Path, count: int, callers: int = 64) -> float:
-    """Many tasks putting at once, so the store can group-commit their writes."""
+    """Measure many tasks putting at once, so the store can group-commit their writes."""
     async with kharon_on(kind, directory, "put-concurrent") as kharon:
 
         async def caller(offset: int) -> None:

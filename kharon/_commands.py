@@ -1,4 +1,4 @@
-"""Commands: what `Kharon` asks a store to do, one per operation.
+"""Commands: the requests `Kharon` sends a store, one per operation.
 
 A command carries everything the decision needs, including the instant `now`
 and any random draw, so the decision itself is a pure function of the command

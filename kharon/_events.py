@@ -34,7 +34,7 @@ class EventKind(enum.StrEnum):
 class Event(BaseModel):
     """One change to one ticket, as appended to the log.
 
-    `changes` holds the ticket fields the event set, in JSON form (instants are
+    `changes` contains the ticket fields the event set, in JSON form (instants are
     ISO 8601 strings in UTC). Folding a ticket's events in `version` order with
     `kharon.fold` rebuilds its projection row exactly.
     """

@@ -2,9 +2,9 @@
 
 Rules of this module:
 
-* `TRANSITIONS` is the only place that says which operation may move a ticket
+* `TRANSITIONS` is the only place that defines which operation may move a ticket
   from which state to which. It is declared for the `transitions` package, and
-  every decision below asks that state machine for the destination; stores and
+  every decision below fires that state machine to get the destination; stores and
   workers never assign a status themselves.
 * Nothing here does I/O or reads a clock. Every instant comes in as an argument.
 * A decision either returns the one event to append or raises, before anything
@@ -85,7 +85,7 @@ TRANSITIONS: Final[list[dict[str, Any]]] = [
     {"trigger": "delete", "source": [PENDING, RUNNING, DONE, FAILED, CANCELLED], "dest": ABSENT},
 ]
 
-# Why a guarded transition did not fire, for the InvalidTransition message.
+# Reasons a guarded transition did not fire, for the InvalidTransition message.
 _CONDITION_FAILURES: Final = {
     "lease": "it is not due yet (runat, or the running lease's expiry, is in the future)",
     "expire": "its TTL has not passed",
@@ -194,7 +194,7 @@ _NO_ROW: Final = "<no transition>"
 _CONDITION_FAILED: Final = "<condition failed>"
 
 
-# The machine's answer depends only on these five values, so it is memoized:
+# The machine's result depends only on these five values, so it is memoized:
 # a decision costs a dict lookup instead of a full `transitions` trigger
 # (about 30 us), and the table stays the only thing that decides. The cache
 # has at most 6 states x 9 operations x 8 flag combinations entries.
@@ -278,7 +278,7 @@ def decide_lease(current: Ticket, command: LeaseCommand) -> Event:
     so far, and the ticket's runat becomes that expiry. Leasing a running
     ticket again records, as its error reason, that the previous lease expired
     with no settle call: the handler's own timeout retry usually loses the race
-    to this lease, so this is where the log says why the attempt ended.
+    to this lease, so this event records why the attempt ended.
     """
     now = command.now
     before = _state_of(current)

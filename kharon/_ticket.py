@@ -42,13 +42,13 @@ MAX_ID_LENGTH = 255
 # nice must fit a signed 32-bit integer, the INTEGER column of PostgreSQL.
 NICE_MIN = -(2**31)
 NICE_MAX = 2**31 - 1
-# The longest delay or TTL accepted. Much longer values would overflow
+# The maximum delay or TTL accepted. Much longer values would overflow
 # `datetime` (year 9999) when added to the current time; nothing needs more.
 MAX_DELAY = timedelta(days=365 * 100)
 
 
 class TicketStatus(enum.StrEnum):
-    """Where a ticket is in its lifecycle."""
+    """The state of a ticket in its lifecycle."""
 
     PENDING = "pending"
     RUNNING = "running"

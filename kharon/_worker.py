@@ -8,7 +8,7 @@ Task layout::
     └── handler host (shielded)  one task per leased ticket, at most `workers`
 
 The poller only leases as many tickets as there are free slots, so a leased
-ticket never waits for a worker while its lease runs down. Cancelling `run`
+ticket does not wait for a worker while its lease runs down. Cancelling `run`
 cancels the poller and the expirer at once; the handler host is shielded from
 that cancellation and gets `shutdown_grace_period` to let running handlers
 finish. Handlers still running then are cancelled, and their tickets are put
@@ -51,13 +51,13 @@ class _Slots:
         self._free = list(range(count - 1, -1, -1))
         self._released = trio.Event()
 
-    async def take(self, most: int) -> list[int]:
-        """Wait for at least one free slot, then take up to `most`."""
+    async def take(self, limit: int) -> list[int]:
+        """Wait for at least one free slot, then take up to `limit`."""
         while not self._free:
             await self._released.wait()
-        taken = self._free[-most:][::-1]
-        del self._free[-most:]
-        return taken
+        slots = self._free[-limit:][::-1]
+        del self._free[-limit:]
+        return slots
 
     def give(self, slot: int) -> None:
         self._free.append(slot)

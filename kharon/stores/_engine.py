@@ -60,14 +60,14 @@ def delete(tx: Transaction, command: DeleteCommand) -> bool:
 def lease(tx: Transaction, command: LeaseCommand) -> LeaseResult:
     """Lease due tickets; fail those already delivered `max_attempts` times.
 
-    An exhausted ticket does not use up a slot of `limit`: the poll asks for
+    An exhausted ticket does not use up a slot of `limit`: the poll queries
     more candidates until it has leased `limit` tickets or none are left.
     """
     leased: list[Ticket] = []
     exhausted: list[Ticket] = []
     while len(leased) < command.limit:
-        wanted = command.limit - len(leased)
-        candidates = tx.due(command.now, wanted)
+        requested = command.limit - len(leased)
+        candidates = tx.due(command.now, requested)
         changes: list[tuple[Event, Ticket]] = []
         for current in candidates:
             if command.max_attempts is not None and current.attempts >= command.max_attempts:
@@ -85,7 +85,7 @@ def lease(tx: Transaction, command: LeaseCommand) -> LeaseResult:
         _append_all(tx, changes)
         # Leased tickets are no longer due (process_time is positive) and
         # exhausted ones are failed, so a repeated query only finds new ones.
-        if len(candidates) < wanted:
+        if len(candidates) < requested:
             break
 
     # A full poll is followed by another at once, so its next_due_at would go unused.

@@ -3,7 +3,7 @@
 A store records; it never decides. Each write method receives a command,
 opens one transaction, and hands the command to the shared engine
 (`kharon.stores._engine`) together with a `Transaction` view of that
-transaction. The engine reads the current row, asks the lifecycle for the one
+transaction. The engine reads the current row, gets from the lifecycle the one
 event to append, and writes the event and the new projection row through the
 `Transaction`. So every store appends the same events in the same cases, and
 only has to implement row access.

@@ -32,7 +32,7 @@ The writer thread takes about 70 us of it for the lease and the ack. About half 
 running the statements (event insert, row update or delete, the selects,
 COMMIT) and half is Python (rows to `Ticket` objects, decisions, events,
 JSON). The Trio side costs about 35 us per ticket. With 4 workers each batch
-holds at most 4 tickets, and the hand-off and COMMIT per batch double the
+contains at most 4 tickets, and the hand-off and COMMIT per batch double the
 cost per ticket, to about 215 us.
 """
 
